@@ -1,0 +1,165 @@
+// Package api defines the wire types shared by the Trellis server, agent and
+// CLI. It depends on the standard library only.
+package api
+
+import (
+	"encoding/base64"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// HTTP paths served by a Trellis server.
+const (
+	// PathCACerts serves the cluster CA certificate (PEM), unauthenticated.
+	PathCACerts = "/cacerts"
+	// PathPing answers "pong", unauthenticated.
+	PathPing = "/ping"
+	// PathJoin takes a JoinRequest authenticated by a join token.
+	PathJoin = "/v1/join"
+	// PathNetmap streams NetMap messages (one JSON object per line) to a node
+	// authenticated by its node certificate.
+	PathNetmap = "/v1/netmap"
+	// PathNodes lists nodes (GET, admin). PathNodes+"/NAME" deletes one
+	// (DELETE, admin).
+	PathNodes = "/v1/nodes"
+)
+
+// Node roles.
+const (
+	RoleServer = "server"
+	RoleAgent  = "agent"
+)
+
+// DefaultWireGuardPort is the UDP port WireGuard listens on unless configured.
+const DefaultWireGuardPort = 51820
+
+// Key is a WireGuard (Curve25519) public key. It is written as base64 text,
+// the form `wg` uses.
+type Key [32]byte
+
+// ParseKey parses a base64 WireGuard key.
+func ParseKey(s string) (Key, error) {
+	var k Key
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return k, fmt.Errorf("parse key: %w", err)
+	}
+	if len(b) != len(k) {
+		return k, fmt.Errorf("parse key: got %d bytes, want %d", len(b), len(k))
+	}
+	copy(k[:], b)
+	return k, nil
+}
+
+// String returns the base64 form of k.
+func (k Key) String() string { return base64.StdEncoding.EncodeToString(k[:]) }
+
+// IsZero reports whether k is the all-zero key (no key).
+func (k Key) IsZero() bool { return k == Key{} }
+
+// MarshalText implements encoding.TextMarshaler.
+func (k Key) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (k *Key) UnmarshalText(b []byte) error {
+	p, err := ParseKey(string(b))
+	if err != nil {
+		return err
+	}
+	*k = p
+	return nil
+}
+
+// JoinRequest is sent by an agent to PathJoin. The join token travels in the
+// Authorization header ("Bearer <token>"), never in the body.
+type JoinRequest struct {
+	// NodeName is the name the node wants; unique in the cluster.
+	NodeName string `json:"nodeName"`
+	// NodePassword is a random secret kept by the node. The first join stores
+	// its hash; later joins with the same name must present the same secret.
+	NodePassword string `json:"nodePassword"`
+	// PublicKey is the node's WireGuard public key.
+	PublicKey Key `json:"publicKey"`
+	// CSR is a PEM certificate request for the node's client certificate.
+	CSR []byte `json:"csr"`
+	// InternalIPs are the node's private addresses.
+	InternalIPs []netip.Addr `json:"internalIPs,omitempty"`
+	// Networks are the subnets the internal addresses belong to (masked).
+	Networks []netip.Prefix `json:"networks,omitempty"`
+	// ExternalIPs are the addresses other networks reach the node at.
+	ExternalIPs []netip.Addr `json:"externalIPs,omitempty"`
+	// ListenPort is the node's WireGuard UDP port; 0 means no data plane.
+	ListenPort uint16 `json:"listenPort,omitempty"`
+}
+
+// JoinResponse answers a successful join.
+type JoinResponse struct {
+	// Node is the node's record as stored.
+	Node Node `json:"node"`
+	// Certificate is the node's client certificate (PEM), signed by the CA.
+	Certificate []byte `json:"certificate"`
+	// ClusterCIDRs are the cluster's pod address ranges.
+	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs"`
+}
+
+// Node is a node as the server knows it.
+type Node struct {
+	Name        string         `json:"name"`
+	Roles       []string       `json:"roles"`
+	PublicKey   Key            `json:"publicKey"`
+	InternalIPs []netip.Addr   `json:"internalIPs"`
+	Networks    []netip.Prefix `json:"networks,omitempty"`
+	ExternalIPs []netip.Addr   `json:"externalIPs"`
+	// ObservedIP is the source address the server saw the node's last join
+	// from.
+	ObservedIP netip.Addr    `json:"observedIP,omitzero"`
+	ListenPort uint16        `json:"listenPort,omitempty"`
+	PodCIDRs   []netip.Prefix `json:"podCIDRs"`
+	CreatedAt  time.Time     `json:"createdAt"`
+	UpdatedAt  time.Time     `json:"updatedAt"`
+	// Ready is computed by the server: the node holds a netmap stream open.
+	Ready bool `json:"ready"`
+}
+
+// HasRole reports whether n has role r.
+func (n *Node) HasRole(r string) bool {
+	for _, x := range n.Roles {
+		if x == r {
+			return true
+		}
+	}
+	return false
+}
+
+// NetMap is what a node needs to configure its data plane. The server sends a
+// complete NetMap on every change.
+type NetMap struct {
+	// Version increases with every change of the cluster state.
+	Version int64 `json:"version"`
+	// Self is the receiving node's own record.
+	Self Node `json:"self"`
+	// ClusterCIDRs are the cluster's pod address ranges.
+	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs"`
+	// Peers are the WireGuard peers the node must have, sorted by name.
+	Peers []Peer `json:"peers"`
+}
+
+// Peer is one WireGuard peer of a node.
+type Peer struct {
+	Name      string `json:"name"`
+	PublicKey Key    `json:"publicKey"`
+	// Endpoint is where to send packets; the zero value means none is known
+	// and the peer must reach us first.
+	Endpoint netip.AddrPort `json:"endpoint,omitzero"`
+	// AllowedIPs are the addresses routed to this peer.
+	AllowedIPs []netip.Prefix `json:"allowedIPs"`
+	// PersistentKeepalive in seconds; 0 disables it.
+	PersistentKeepalive int `json:"persistentKeepalive,omitempty"`
+}
+
+// Error is the JSON body of every error response.
+type Error struct {
+	// Message is a sentence for a person: what is wrong and what to do.
+	Message string `json:"message"`
+}
