@@ -113,11 +113,11 @@ type Node struct {
 	ExternalIPs []netip.Addr   `json:"externalIPs"`
 	// ObservedIP is the source address the server saw the node's last join
 	// from.
-	ObservedIP netip.Addr    `json:"observedIP,omitzero"`
-	ListenPort uint16        `json:"listenPort,omitempty"`
+	ObservedIP netip.Addr     `json:"observedIP,omitzero"`
+	ListenPort uint16         `json:"listenPort,omitempty"`
 	PodCIDRs   []netip.Prefix `json:"podCIDRs"`
-	CreatedAt  time.Time     `json:"createdAt"`
-	UpdatedAt  time.Time     `json:"updatedAt"`
+	CreatedAt  time.Time      `json:"createdAt"`
+	UpdatedAt  time.Time      `json:"updatedAt"`
 	// Ready is computed by the server: the node holds a netmap stream open.
 	Ready bool `json:"ready"`
 }
