@@ -160,6 +160,23 @@ type Peer struct {
 
 // Error is the JSON body of every error response.
 type Error struct {
+	// Code is stable and meant for programs, e.g. ErrCodeNameTaken.
+	Code string `json:"code,omitempty"`
 	// Message is a sentence for a person: what is wrong and what to do.
 	Message string `json:"message"`
 }
+
+// Error codes.
+const (
+	ErrCodeBadRequest   = "bad-request"
+	ErrCodeUnauthorized = "unauthorized"
+	ErrCodeForbidden    = "forbidden"
+	ErrCodeNameTaken    = "name-taken"
+	ErrCodeNodeDeleted  = "node-deleted"
+	ErrCodeNotFound     = "not-found"
+	ErrCodeExhausted    = "cluster-cidr-exhausted"
+	ErrCodeInternal     = "internal"
+)
+
+// Error implements error.
+func (e *Error) Error() string { return e.Message }

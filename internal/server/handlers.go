@@ -1,0 +1,372 @@
+package server
+
+import (
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/netmap"
+	"github.com/trellis-mesh/trellis/internal/pki"
+	"github.com/trellis-mesh/trellis/internal/store"
+	"github.com/trellis-mesh/trellis/internal/token"
+)
+
+const (
+	maxJoinBody     = 64 << 10
+	streamKeepalive = 15 * time.Second
+	nodeCertTTL     = 365 * 24 * time.Hour
+)
+
+// Handler returns the server's HTTP API.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+api.PathCACerts, s.handleCACerts)
+	mux.HandleFunc("GET "+api.PathPing, func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "pong") })
+	mux.HandleFunc("POST "+api.PathJoin, s.handleJoin)
+	mux.HandleFunc("GET "+api.PathNetmap, s.handleNetmap)
+	mux.HandleFunc("GET "+api.PathNodes, s.admin(s.handleListNodes))
+	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, api.Error{Code: code, Message: msg})
+}
+
+// identity returns who the client certificate of r names, if anyone.
+func identity(r *http.Request) (pki.Identity, bool) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return pki.Identity{}, false
+	}
+	return pki.IdentityFromCert(r.TLS.VerifiedChains[0][0])
+}
+
+// admin wraps h so that only admin credentials reach it.
+func (s *Server) admin(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, ok := identity(r)
+		if !ok {
+			writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "this call needs the admin credential; use the admin config the server wrote (--admin-config)")
+			return
+		}
+		if id.Kind != pki.KindAdmin {
+			writeError(w, http.StatusForbidden, api.ErrCodeForbidden, "this call needs the admin credential, not a node credential")
+			return
+		}
+		h(w, r)
+	}
+}
+
+func (s *Server) handleCACerts(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	_, _ = w.Write(s.ca.CertPEM())
+}
+
+func remoteIP(r *http.Request) netip.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
+}
+
+// nodeNameRE is a DNS label-like name, as Kubernetes node names are.
+var nodeNameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$`)
+
+// ValidateNodeName returns an error that says what a valid name is.
+func ValidateNodeName(name string) error {
+	if !nodeNameRE.MatchString(name) {
+		return fmt.Errorf("node name %q is invalid: use 1-63 lower-case letters, digits, '-' or '.', starting and ending with a letter or digit", name)
+	}
+	return nil
+}
+
+// validateJoin checks a join request field by field.
+func validateJoin(req *api.JoinRequest) error {
+	if err := ValidateNodeName(req.NodeName); err != nil {
+		return err
+	}
+	if len(req.NodePassword) < 16 || len(req.NodePassword) > 256 {
+		return errors.New("node password must be 16-256 characters")
+	}
+	if len(req.CSR) == 0 {
+		return errors.New("certificate request (csr) is missing")
+	}
+	if req.ListenPort != 0 && req.PublicKey.IsZero() {
+		return errors.New("a node with a WireGuard listen port must send its public key")
+	}
+	for _, a := range req.ExternalIPs {
+		if !netmap.ValidEndpoint(a) {
+			return fmt.Errorf("external IP %s cannot be reached from other hosts (loopback, link-local, multicast or unspecified)", a)
+		}
+	}
+	for _, a := range req.InternalIPs {
+		if !netmap.ValidEndpoint(a) {
+			return fmt.Errorf("node IP %s cannot be reached from other hosts (loopback, link-local, multicast or unspecified)", a)
+		}
+	}
+	for _, p := range req.Networks {
+		if !p.IsValid() || p.Bits() == 0 {
+			return fmt.Errorf("network %s is not a valid subnet", p)
+		}
+	}
+	if len(req.InternalIPs)+len(req.ExternalIPs)+len(req.Networks) > 64 {
+		return errors.New("too many addresses")
+	}
+	return nil
+}
+
+func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
+	src := remoteIP(r)
+	if !s.joins.allow(src) {
+		writeError(w, http.StatusTooManyRequests, api.ErrCodeUnauthorized, "too many join attempts from this address; wait a minute and try again")
+		return
+	}
+	bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "join needs a token: pass --token with the content of the server's token file")
+		return
+	}
+	t, err := token.Parse(strings.TrimSpace(bearer))
+	if err != nil || !t.SecretMatches(s.token.Secret) || (t.HasCAHash && !t.CAMatches(s.ca.CertPEM())) {
+		s.log.Warn("join refused: wrong token", "source", src)
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "the join token is wrong: copy it again from the server's token file (<data-dir>/server/token)")
+		return
+	}
+	var req api.JoinRequest
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxJoinBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "malformed join request: "+err.Error())
+		return
+	}
+	if err := validateJoin(&req); err != nil {
+		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, err.Error())
+		return
+	}
+	certPEM, err := s.ca.SignCSR(req.CSR, pki.NodeCommonName(req.NodeName), pki.OrgNodes, nodeCertTTL)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "certificate request rejected: "+err.Error())
+		return
+	}
+	serial, err := certSerial(certPEM)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, api.ErrCodeInternal, err.Error())
+		return
+	}
+	roles := []string{api.RoleAgent}
+	if req.NodeName == s.cfg.NodeName {
+		roles = []string{api.RoleServer}
+	}
+	start := time.Now()
+	rec, err := s.reg.upsert(r.Context(), req.NodeName, req.NodePassword, func(rec *record) {
+		rec.Roles = roles
+		rec.PublicKey = req.PublicKey
+		rec.InternalIPs = req.InternalIPs
+		rec.Networks = maskAll(req.Networks)
+		rec.ExternalIPs = req.ExternalIPs
+		rec.ListenPort = req.ListenPort
+		rec.ObservedIP = src
+		rec.CertSerial = serial
+	})
+	var je *joinError
+	switch {
+	case errors.As(err, &je):
+		s.log.Warn("join refused", "node", req.NodeName, "source", src, "reason", je.code)
+		writeError(w, je.status, je.code, je.msg)
+		return
+	case err != nil:
+		s.log.Error("join failed", "node", req.NodeName, "err", err)
+		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "the server could not store the node: "+err.Error())
+		return
+	}
+	s.log.Info("node joined", "node", rec.Name, "source", src, "podCIDRs", joinPrefixes(rec.PodCIDRs), "took", time.Since(start).Round(time.Millisecond))
+	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs})
+}
+
+func maskAll(ps []netip.Prefix) []netip.Prefix {
+	out := make([]netip.Prefix, len(ps))
+	for i, p := range ps {
+		out[i] = p.Masked()
+	}
+	return out
+}
+
+func certSerial(certPEM []byte) (string, error) {
+	blk, _ := pem.Decode(certPEM)
+	if blk == nil {
+		return "", errors.New("issued certificate is not PEM")
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return "", fmt.Errorf("parse issued certificate: %w", err)
+	}
+	return c.SerialNumber.Text(16), nil
+}
+
+// nodeAuth checks that r carries the current certificate of an existing
+// node and returns its name.
+func (s *Server) nodeAuth(w http.ResponseWriter, r *http.Request) (string, bool) {
+	id, ok := identity(r)
+	if !ok || id.Kind != pki.KindNode {
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "this call needs a node credential; join the cluster first")
+		return "", false
+	}
+	rec, ok := s.hub.record(id.Name)
+	if !ok {
+		// The hub may lag the store by a moment after a join.
+		if rr, _, err := s.reg.get(r.Context(), id.Name); err == nil {
+			rec, ok = *rr, true
+		}
+	}
+	if !ok {
+		writeError(w, http.StatusForbidden, api.ErrCodeNodeDeleted, fmt.Sprintf("node %q was deleted from the cluster; restart the agent with a valid join token to join again", id.Name))
+		return "", false
+	}
+	if rec.CertSerial != r.TLS.VerifiedChains[0][0].SerialNumber.Text(16) {
+		writeError(w, http.StatusForbidden, api.ErrCodeForbidden, fmt.Sprintf("this credential of node %q was replaced by a newer join; restart the agent to join again", id.Name))
+		return "", false
+	}
+	return id.Name, true
+}
+
+// handleNetmap streams the node's netmap: one JSON object per line, a new
+// one whenever it changes, and an empty line every streamKeepalive.
+func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
+	name, ok := s.nodeAuth(w, r)
+	if !ok {
+		return
+	}
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Time{})
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	done := s.hub.connected(name, time.Now())
+	defer done()
+	s.log.Debug("netmap stream opened", "node", name)
+	defer s.log.Debug("netmap stream closed", "node", name)
+
+	enc := json.NewEncoder(w)
+	ka := time.NewTicker(streamKeepalive)
+	defer ka.Stop()
+	var last api.NetMap
+	sent := false
+	for {
+		nodes, version, changed := s.hub.snapshot()
+		nm, ok := s.hub.netmapFor(name, nodes, version)
+		if !ok {
+			return // the node was deleted: the agent will learn why on reconnect
+		}
+		if !sent || !sameMap(last, nm) {
+			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if err := enc.Encode(nm); err != nil {
+				return
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+			last, sent = nm, true
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-changed:
+		case <-ka.C:
+			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.WriteString(w, "\n"); err != nil {
+				return
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func (s *Server) handleListNodes(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, s.hub.nodesWithStatus())
+}
+
+func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	rec, err := s.reg.remove(r.Context(), name)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		writeError(w, http.StatusNotFound, api.ErrCodeNotFound, fmt.Sprintf("there is no node %q; 'trellis nodes' lists them", name))
+		return
+	case err != nil:
+		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, err.Error())
+		return
+	}
+	s.log.Info("node deleted", "node", name, "podCIDRs", joinPrefixes(rec.PodCIDRs))
+	writeJSON(w, http.StatusOK, rec.Node)
+}
+
+// apply folds one store event into the hub.
+func (s *Server) apply(ev store.Event) {
+	switch ev.Type {
+	case store.EventReset:
+		var recs []record
+		for _, kv := range ev.State {
+			var rec record
+			if json.Unmarshal(kv.Value, &rec) == nil {
+				recs = append(recs, rec)
+			}
+		}
+		s.hub.reset(recs, ev.Rev)
+	case store.EventPut:
+		var rec record
+		if err := json.Unmarshal(ev.KV.Value, &rec); err != nil {
+			s.log.Warn("ignoring unreadable node record", "key", ev.KV.Key, "err", err)
+			return
+		}
+		s.hub.put(rec, ev.Rev)
+	case store.EventDelete:
+		s.hub.del(strings.TrimPrefix(ev.KV.Key, prefixNodes), ev.Rev)
+	}
+}
+
+// rateLimiter allows a burst of n requests per source per window.
+type rateLimiter struct {
+	mu      sync.Mutex
+	n       int
+	window  time.Duration
+	sources map[netip.Addr]*rate.Limiter
+}
+
+func newRateLimiter(n int, window time.Duration) *rateLimiter {
+	return &rateLimiter{n: n, window: window, sources: map[netip.Addr]*rate.Limiter{}}
+}
+
+func (l *rateLimiter) allow(src netip.Addr) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.sources) > 10000 {
+		l.sources = map[netip.Addr]*rate.Limiter{} // bound memory under a spray of sources
+	}
+	lim := l.sources[src]
+	if lim == nil {
+		lim = rate.NewLimiter(rate.Every(l.window/time.Duration(l.n)), l.n)
+		l.sources[src] = lim
+	}
+	return lim.Allow()
+}

@@ -1,0 +1,157 @@
+package server
+
+import (
+	"encoding/json"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/netmap"
+)
+
+// hub is the server's in-memory view of the node records, fed by a store
+// watch, and the broadcast point for netmap streams: every change closes
+// the current changed channel and opens a new one.
+type hub struct {
+	policy netmap.Policy
+
+	mu      sync.Mutex
+	records map[string]record // guarded by mu
+	version int64             // guarded by mu; store revision of the view
+	nodes   []api.Node        // guarded by mu; sorted snapshot, rebuilt per change
+	changed chan struct{}     // guarded by mu; closed on change
+	streams map[string]*streamInfo
+}
+
+type streamInfo struct {
+	count int
+	since time.Time
+}
+
+func newHub(p netmap.Policy) *hub {
+	return &hub{
+		policy:  p,
+		records: map[string]record{},
+		changed: make(chan struct{}),
+		streams: map[string]*streamInfo{},
+	}
+}
+
+// reset replaces the whole view (after a list or a compacted watch).
+func (h *hub) reset(recs []record, rev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.records = make(map[string]record, len(recs))
+	for _, r := range recs {
+		h.records[r.Name] = r
+	}
+	h.version = rev
+	h.publishLocked()
+}
+
+// put stores or replaces one record.
+func (h *hub) put(r record, rev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.records[r.Name] = r
+	h.version = rev
+	h.publishLocked()
+}
+
+// del removes one record.
+func (h *hub) del(name string, rev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.records, name)
+	h.version = rev
+	h.publishLocked()
+}
+
+func (h *hub) publishLocked() {
+	names := slices.Sorted(maps.Keys(h.records))
+	nodes := make([]api.Node, 0, len(names))
+	for _, n := range names {
+		nodes = append(nodes, h.records[n].Node)
+	}
+	h.nodes = nodes
+	close(h.changed)
+	h.changed = make(chan struct{})
+}
+
+// snapshot returns the current nodes (shared, read-only), the version and
+// a channel closed on the next change.
+func (h *hub) snapshot() ([]api.Node, int64, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.nodes, h.version, h.changed
+}
+
+// record returns the stored record of name.
+func (h *hub) record(name string) (record, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	r, ok := h.records[name]
+	return r, ok
+}
+
+// netmapFor computes the netmap of node self from a snapshot. It returns
+// false if self is not a node.
+func (h *hub) netmapFor(self string, nodes []api.Node, version int64) (api.NetMap, bool) {
+	i, found := slices.BinarySearchFunc(nodes, self, func(n api.Node, s string) int { return strings.Compare(n.Name, s) })
+	if !found {
+		return api.NetMap{}, false
+	}
+	peers := netmap.Compute(self, nodes, h.policy)
+	if peers == nil {
+		peers = []api.Peer{}
+	}
+	return api.NetMap{
+		Version:      version,
+		Self:         nodes[i],
+		ClusterCIDRs: h.policy.ClusterCIDRs,
+		Peers:        peers,
+	}, true
+}
+
+// connected marks a netmap stream of name as open; the returned function
+// marks it closed.
+func (h *hub) connected(name string, now time.Time) func() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.streams[name]
+	if s == nil {
+		s = &streamInfo{since: now}
+		h.streams[name] = s
+	}
+	s.count++
+	return func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if s.count--; s.count == 0 {
+			delete(h.streams, name)
+		}
+	}
+}
+
+// nodesWithStatus returns every node with Ready filled in.
+func (h *hub) nodesWithStatus() []api.Node {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]api.Node, len(h.nodes))
+	for i, n := range h.nodes {
+		n.Ready = h.streams[n.Name] != nil
+		out[i] = n
+	}
+	return out
+}
+
+// sameMap reports whether two netmaps differ only in version.
+func sameMap(a, b api.NetMap) bool {
+	a.Version, b.Version = 0, 0
+	ja, err1 := json.Marshal(a)
+	jb, err2 := json.Marshal(b)
+	return err1 == nil && err2 == nil && string(ja) == string(jb)
+}
