@@ -1,0 +1,99 @@
+package mesh
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// nodeEnv makes the test binary act as one mesh node (see runNode).
+const nodeEnv = "TRELLIS_MESH_TEST_NODE"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(nodeEnv) == "1" {
+		os.Exit(runNode())
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// nodeRequest is one line on a node process's stdin.
+type nodeRequest struct {
+	Op       string // open, peers, addrs, routes, status, wg, close, remove, leaks
+	Config   Config
+	Peers    []Peer
+	Prefixes []netip.Prefix
+}
+
+// nodeResponse is one line on a node process's stdout.
+type nodeResponse struct {
+	Error  string       `json:",omitempty"`
+	Kind   string       `json:",omitempty"`
+	MTU    int          `json:",omitempty"`
+	Status []PeerStatus `json:",omitempty"`
+	Out    string       `json:",omitempty"`
+}
+
+// runNode serves nodeRequests against one Device, as a node process in
+// its own network and mount namespace would (the e2e harness runs real
+// agents the same way).
+func runNode() int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	enc := json.NewEncoder(os.Stdout)
+	var d *Device
+	for in.Scan() {
+		var req nodeRequest
+		var resp nodeResponse
+		err := json.Unmarshal(in.Bytes(), &req)
+		if err == nil && d == nil && req.Op != "open" && req.Op != "leaks" {
+			err = fmt.Errorf("%s before open", req.Op)
+		}
+		if err == nil {
+			switch req.Op {
+			case "open":
+				d, err = Open(req.Config, log)
+				if err == nil {
+					resp.Kind, resp.MTU = d.Kind(), d.MTU()
+				}
+			case "peers":
+				err = d.SetPeers(req.Peers)
+			case "addrs":
+				err = d.SetAddresses(req.Prefixes)
+			case "routes":
+				err = d.SetRoutes(req.Prefixes)
+			case "status":
+				resp.Status, err = d.Status()
+			case "wg":
+				var out []byte
+				out, err = exec.Command("wg", "show", d.Name(), "dump").CombinedOutput()
+				resp.Out = string(out)
+			case "close":
+				err = d.Close()
+			case "remove":
+				err = d.Remove()
+			case "leaks":
+				err = goleak.Find()
+			default:
+				err = fmt.Errorf("unknown op %q", req.Op)
+			}
+		}
+		if err != nil {
+			resp.Error = err.Error()
+		}
+		if err := enc.Encode(resp); err != nil {
+			return 1
+		}
+	}
+	if d != nil {
+		d.Close()
+	}
+	return 0
+}
