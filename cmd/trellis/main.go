@@ -1,0 +1,363 @@
+// Command trellis runs a Trellis server or agent, and the operator
+// commands that talk to a server.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/agent"
+	"github.com/trellis-mesh/trellis/internal/cli"
+	"github.com/trellis-mesh/trellis/internal/mesh"
+	"github.com/trellis-mesh/trellis/internal/server"
+)
+
+const usage = `trellis builds one cluster network out of machines in different clouds.
+
+Usage:
+  trellis server [flags]          run a server (and its own node unless --disable-agent)
+  trellis agent --server URL --token TOKEN [flags]
+  trellis nodes [-o table|json]   list nodes (reads the admin config)
+  trellis node delete NAME        remove a node from the cluster
+  trellis version
+
+Run 'trellis COMMAND -h' for the flags of a command. Every flag can also be
+set with an environment variable TRELLIS_<FLAG_NAME> (TRELLIS_URL for
+--server) or in /etc/trellis/config.yaml (keys are flag names).
+`
+
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv)
+	stop()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "trellis:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	switch args[0] {
+	case "server":
+		return runServer(ctx, args[1:], stderr, getenv)
+	case "agent":
+		return runAgent(ctx, args[1:], stderr, getenv)
+	case "nodes":
+		return runNodes(ctx, args[1:], stdout, stderr, getenv)
+	case "node":
+		if len(args) < 2 || args[1] != "delete" {
+			return errors.New("usage: trellis node delete NAME")
+		}
+		return runNodeDelete(ctx, args[2:], stdout, stderr, getenv)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "trellis", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+// nodeFlags are the flags shared by server and agent.
+type nodeFlags struct {
+	config         string
+	dataDir        string
+	nodeName       string
+	nodeIPs        listFlag
+	externalIPs    listFlag
+	token          string
+	tokenFile      string
+	flannelBackend string
+	cniConfDir     string
+	wgPort         int
+	wgMode         string
+	wgMTU          int
+	logLevel       string
+	logFormat      string
+}
+
+func (n *nodeFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&n.config, "config", "/etc/trellis/config.yaml", "config file (YAML, keys are flag names); drop-ins in <config>.d/*.yaml")
+	fs.StringVar(&n.dataDir, "data-dir", "/var/lib/trellis", "directory for state (keys, certificates, database)")
+	fs.StringVar(&n.nodeName, "node-name", "", "node name (default: the host name)")
+	fs.Var(&n.nodeIPs, "node-ip", "internal IP address of the node (repeatable; default: the address of the default route)")
+	fs.Var(&n.externalIPs, "node-external-ip", "external IP address other networks reach the node at (repeatable)")
+	fs.StringVar(&n.token, "token", "", "join token (K10<ca-hash>::server:<secret>)")
+	fs.StringVar(&n.tokenFile, "token-file", "", "file holding the join token")
+	fs.StringVar(&n.flannelBackend, "flannel-backend", "wireguard-native", "data plane: wireguard-native or none")
+	fs.StringVar(&n.cniConfDir, "cni-conf-dir", "/etc/cni/net.d", "directory for the CNI network config")
+	fs.IntVar(&n.wgPort, "wireguard-listen-port", mesh.DefaultListenPort, "UDP port of the WireGuard interface")
+	fs.StringVar(&n.wgMode, "wireguard-mode", "auto", "WireGuard implementation: auto, kernel or userspace")
+	fs.IntVar(&n.wgMTU, "wireguard-mtu", 0, "MTU of the WireGuard interface (0: underlay MTU - 80)")
+	fs.StringVar(&n.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&n.logFormat, "log-format", "text", "log format: text or json")
+}
+
+// parse parses args, then settles unset flags from env and config files.
+func parse(fs *flag.FlagSet, args []string, getenv func(string) string, configFlag *string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (flags are written --name=value)", fs.Arg(0))
+	}
+	explicit := false
+	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
+	if v := getenv("TRELLIS_CONFIG"); v != "" && !explicit {
+		*configFlag, explicit = v, true
+	}
+	files, err := loadConfigFiles(*configFlag, explicit)
+	if err != nil {
+		return err
+	}
+	return settle(fs, getenv, files)
+}
+
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level=%s: use debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format=%s: use text or json", format)
+}
+
+// agentConfig maps the shared node flags onto an agent.Config.
+func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
+	var c agent.Config
+	var err error
+	if n.nodeName == "" {
+		if n.nodeName, err = os.Hostname(); err != nil {
+			return c, fmt.Errorf("no --node-name and no host name: %w", err)
+		}
+		n.nodeName = strings.ToLower(n.nodeName)
+	}
+	if err := server.ValidateNodeName(n.nodeName); err != nil {
+		return c, fmt.Errorf("--node-name: %w", err)
+	}
+	if c.NodeIPs, err = parseAddrs("node-ip", n.nodeIPs); err != nil {
+		return c, err
+	}
+	if c.ExternalIPs, err = parseAddrs("node-external-ip", n.externalIPs); err != nil {
+		return c, err
+	}
+	switch n.flannelBackend {
+	case "wireguard-native", "wireguard":
+		c.DataPlane = true
+	case "none":
+	default:
+		return c, fmt.Errorf("--flannel-backend=%s is not supported: use wireguard-native or none", n.flannelBackend)
+	}
+	mode, err := mesh.ParseMode(n.wgMode)
+	if err != nil {
+		return c, fmt.Errorf("--wireguard-mode: %w", err)
+	}
+	c.WireGuard = mesh.Config{ListenPort: n.wgPort, Mode: mode, MTU: n.wgMTU}
+	c.NodeName, c.DataDir, c.CNIConfDir, c.Logger = n.nodeName, n.dataDir, n.cniConfDir, log
+	return c, nil
+}
+
+// readToken returns --token, or the content of --token-file.
+func (n *nodeFlags) readToken() (string, error) {
+	if n.token != "" && n.tokenFile != "" {
+		return "", errors.New("give either --token or --token-file, not both")
+	}
+	if n.tokenFile == "" {
+		return n.token, nil
+	}
+	b, err := os.ReadFile(n.tokenFile)
+	if err != nil {
+		return "", fmt.Errorf("--token-file: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var n nodeFlags
+	n.register(fs)
+	var (
+		tlsSANs         listFlag
+		clusterCIDRs    listFlag
+		port            int
+		bind            string
+		disableAgent    bool
+		flannelExternal bool
+		datastore       string
+	)
+	fs.Var(&tlsSANs, "tls-san", "extra host name or IP for the serving certificate (repeatable)")
+	fs.Var(&clusterCIDRs, "cluster-cidr", "pod address range(s) (default 10.42.0.0/16)")
+	fs.IntVar(&port, "https-listen-port", 6443, "HTTPS API port")
+	fs.StringVar(&bind, "bind-address", "", "address the HTTPS API listens on (default: all)")
+	fs.BoolVar(&disableAgent, "disable-agent", false, "do not run the node role on this server")
+	fs.BoolVar(&flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
+	fs.StringVar(&datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
+	if err := parse(fs, args, getenv, &n.config); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, n.logLevel, n.logFormat)
+	if err != nil {
+		return err
+	}
+	ac, err := n.agentConfig(log)
+	if err != nil {
+		return err
+	}
+	cidrs, err := parsePrefixes("cluster-cidr", clusterCIDRs)
+	if err != nil {
+		return err
+	}
+	tok, err := n.readToken()
+	if err != nil {
+		return err
+	}
+	sc := server.Config{
+		DataDir: n.dataDir, NodeName: ac.NodeName, Port: port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
+		TLSSANs: tlsSANs, ClusterCIDRs: cidrs, ForceExternal: flannelExternal, Token: tok,
+		DatastoreEndpoint: datastore, Logger: log,
+	}
+	if bind != "" {
+		if sc.BindAddress, err = parseAddr("bind-address", bind); err != nil {
+			return err
+		}
+	}
+	srv, err := server.Start(ctx, sc)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	if disableAgent {
+		<-ctx.Done()
+		return nil
+	}
+	ac.ServerURL, ac.Token = srv.URL(), srv.Token()
+	err = agent.Run(ctx, ac)
+	if err != nil && ctx.Err() == nil {
+		return fmt.Errorf("server's own node: %w", err)
+	}
+	<-ctx.Done()
+	return nil
+}
+
+func parseAddr(flagName, v string) (a netip.Addr, err error) {
+	as, err := parseAddrs(flagName, []string{v})
+	if err != nil {
+		return a, err
+	}
+	return as[0], nil
+}
+
+func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var n nodeFlags
+	n.register(fs)
+	var serverURL string
+	fs.StringVar(&serverURL, "server", "", "server URL, e.g. https://198.51.100.10:6443 (TRELLIS_URL)")
+	if err := parse(fs, args, getenv, &n.config); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, n.logLevel, n.logFormat)
+	if err != nil {
+		return err
+	}
+	ac, err := n.agentConfig(log)
+	if err != nil {
+		return err
+	}
+	if ac.Token, err = n.readToken(); err != nil {
+		return err
+	}
+	ac.ServerURL = strings.TrimSuffix(serverURL, "/")
+	err = agent.Run(ctx, ac)
+	if errors.Is(err, agent.ErrDeleted) {
+		<-ctx.Done() // stay down (a restart would re-join) until stopped
+		return nil
+	}
+	return err
+}
+
+func adminFlags(fs *flag.FlagSet) *string {
+	return fs.String("admin-config", cli.DefaultAdminConfig, "admin config written by the server (TRELLIS_ADMIN_CONFIG)")
+}
+
+func runNodes(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("nodes", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	adminConfig := adminFlags(fs)
+	output := fs.String("o", "table", "output format: table or json")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := settle(fs, getenv, nil); err != nil {
+		return err
+	}
+	c, err := cli.Load(*adminConfig)
+	if err != nil {
+		return err
+	}
+	nodes, err := c.Nodes(ctx)
+	if err != nil {
+		return err
+	}
+	return cli.PrintNodes(stdout, nodes, *output, time.Now())
+}
+
+func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("node delete", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	adminConfig := adminFlags(fs)
+	// Accept the name before or after the flags.
+	var names []string
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		names, args = append(names, args[0]), args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	names = append(names, fs.Args()...)
+	if len(names) == 0 {
+		return errors.New("usage: trellis node delete NAME")
+	}
+	if err := settle(fs, getenv, nil); err != nil {
+		return err
+	}
+	c, err := cli.Load(*adminConfig)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := c.DeleteNode(ctx, name); err != nil {
+			return fmt.Errorf("delete node %s: %w", name, err)
+		}
+		fmt.Fprintf(stdout, "node %s deleted\n", name)
+	}
+	return nil
+}

@@ -1,0 +1,66 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+)
+
+// defaultAddr returns the source address of the default route of the
+// given family: the address K3s also picks when --node-ip is not set.
+func defaultAddr(v6 bool) (netip.Addr, bool) {
+	dst := net.ParseIP("198.51.100.1") // never contacted: only the route is looked up
+	if v6 {
+		dst = net.ParseIP("2001:db8::1")
+	}
+	routes, err := netlink.RouteGet(dst)
+	if err != nil || len(routes) == 0 || routes[0].Src == nil {
+		return netip.Addr{}, false
+	}
+	a, ok := netip.AddrFromSlice(routes[0].Src)
+	return a.Unmap(), ok
+}
+
+// networksOf returns the subnets (masked) of the interface addresses that
+// hold addrs.
+func networksOf(addrs []netip.Addr) ([]netip.Prefix, error) {
+	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list interface addresses: %w", err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		for _, la := range list {
+			ip, ok := netip.AddrFromSlice(la.IP)
+			if !ok || ip.Unmap() != a {
+				continue
+			}
+			ones, _ := la.Mask.Size()
+			out = append(out, netip.PrefixFrom(a, ones).Masked())
+		}
+	}
+	return out, nil
+}
+
+// linkMTUOf returns the MTU of the interface that holds a: the underlay
+// the node's WireGuard packets leave on.
+func linkMTUOf(a netip.Addr) (int, bool) {
+	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return 0, false
+	}
+	for _, la := range list {
+		ip, ok := netip.AddrFromSlice(la.IP)
+		if !ok || ip.Unmap() != a {
+			continue
+		}
+		link, err := netlink.LinkByIndex(la.LinkIndex)
+		if err != nil {
+			return 0, false
+		}
+		return link.Attrs().MTU, true
+	}
+	return 0, false
+}

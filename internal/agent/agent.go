@@ -1,0 +1,375 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/cni"
+	"github.com/trellis-mesh/trellis/internal/ipam"
+	"github.com/trellis-mesh/trellis/internal/mesh"
+	"github.com/trellis-mesh/trellis/internal/netmap"
+	"github.com/trellis-mesh/trellis/internal/pki"
+	"github.com/trellis-mesh/trellis/internal/token"
+)
+
+// ErrDeleted is returned by Run when an administrator deleted the node.
+var ErrDeleted = errors.New("node was deleted from the cluster")
+
+// Agent is one node's control loop.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	tok   token.Token
+	id    identity
+	dev   *mesh.Device
+	ca    []byte
+	self  api.Node
+	cidrs []netip.Prefix // cluster CIDRs
+
+	lastVersion int64
+}
+
+// Run joins the cluster and keeps the node's data plane in step with its
+// netmap until ctx ends. It returns an error only for problems that
+// retrying cannot fix (wrong token, name taken, bad config); an unreachable
+// server is waited for.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeName)}
+	tok, err := token.Parse(cfg.Token)
+	if err != nil {
+		return fmt.Errorf("--token: %w", err)
+	}
+	a.tok = tok
+	if !tok.HasCAHash {
+		a.log.Warn("the join token has no CA hash, so the server's certificate cannot be checked on first contact; use the full K10... token from the server's token file")
+	}
+	if err := os.MkdirAll(cfg.dir(), 0o700); err != nil {
+		return fmt.Errorf("create agent data dir: %w", err)
+	}
+	if a.id, err = loadOrCreateIdentity(&a.cfg); err != nil {
+		return err
+	}
+	if len(a.cfg.NodeIPs) == 0 {
+		for _, v6 := range []bool{false, true} {
+			if ip, ok := defaultAddr(v6); ok {
+				a.cfg.NodeIPs = append(a.cfg.NodeIPs, ip)
+			}
+		}
+		if len(a.cfg.NodeIPs) == 0 {
+			a.log.Warn("no default route, so no node IP could be detected; set --node-ip")
+		}
+	}
+	defer a.close()
+
+	client, err := a.joinUntilDone(ctx)
+	if err != nil {
+		return err
+	}
+	for {
+		err := a.follow(ctx, client)
+		client.close()
+		if err == nil || ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, ErrDeleted) {
+			return err
+		}
+		// The credential was replaced or refused: join again.
+		a.log.Info("re-joining", "reason", err)
+		if client, err = a.joinUntilDone(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (a *Agent) close() {
+	if a.dev != nil {
+		if err := a.dev.Close(); err != nil {
+			a.log.Warn("closing WireGuard device", "err", err)
+		}
+	}
+}
+
+// backoff returns the wait before retry n (0-based): exponential from
+// 500 ms to 30 s with ±20 % jitter.
+func backoff(n int) time.Duration {
+	d := 500 * time.Millisecond << min(n, 6)
+	d = min(d, 30*time.Second)
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// waitLog says what the agent is waiting for once, then again at growing
+// intervals, not at every retry.
+type waitLog struct {
+	log  *slog.Logger
+	what string
+	next time.Time
+	gap  time.Duration
+}
+
+func (w *waitLog) failed(err error) {
+	now := time.Now()
+	if now.Before(w.next) {
+		return
+	}
+	w.log.Warn("waiting for "+w.what, "err", err)
+	if w.gap == 0 {
+		w.gap = 5 * time.Second
+	} else {
+		w.gap = min(2*w.gap, 5*time.Minute)
+	}
+	w.next = now.Add(w.gap)
+}
+
+// joinUntilDone fetches and checks the CA, then joins, retrying network
+// errors forever.
+func (a *Agent) joinUntilDone(ctx context.Context) (*apiClient, error) {
+	wl := &waitLog{log: a.log, what: "the server at " + a.cfg.ServerURL}
+	for n := 0; ; n++ {
+		c, err := a.join(ctx)
+		if err == nil {
+			return c, nil
+		}
+		var pe *permanentError
+		if errors.As(err, &pe) {
+			return nil, fmt.Errorf("join %s: %s", a.cfg.ServerURL, pe.apiErr.Message)
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		wl.failed(err)
+		if err := sleep(ctx, backoff(n)); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func (a *Agent) join(ctx context.Context) (*apiClient, error) {
+	ca, err := fetchCA(ctx, a.cfg.ServerURL, a.tok)
+	if err != nil {
+		return nil, err
+	}
+	a.ca = ca
+	if err := pki.WriteFileAtomic(a.cfg.dir("ca.crt"), ca, 0o644); err != nil {
+		return nil, fmt.Errorf("save CA: %w", err)
+	}
+	keyPEM, csrPEM, err := pki.NewKeyAndCSR()
+	if err != nil {
+		return nil, err
+	}
+	networks, err := networksOf(a.cfg.NodeIPs)
+	if err != nil {
+		a.log.Warn("cannot tell which networks the node is on", "err", err)
+	}
+	req := api.JoinRequest{
+		NodeName:     a.cfg.NodeName,
+		NodePassword: a.id.password,
+		CSR:          csrPEM,
+		InternalIPs:  a.cfg.NodeIPs,
+		Networks:     networks,
+		ExternalIPs:  a.cfg.ExternalIPs,
+	}
+	if a.cfg.DataPlane {
+		req.PublicKey = api.Key(a.id.privateKey.PublicKey())
+		req.ListenPort = uint16(a.cfg.WireGuard.ListenPort)
+	}
+	start := time.Now()
+	boot := newAPIClient(a.cfg.ServerURL, ca, nil)
+	jr, err := boot.join(ctx, a.tok.String(), req)
+	boot.close()
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.X509KeyPair(jr.Certificate, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("node certificate from the server does not match our key: %w", err)
+	}
+	if err := pki.WriteFileAtomic(a.cfg.dir("node.crt"), jr.Certificate, 0o644); err != nil {
+		return nil, err
+	}
+	if err := pki.WriteFileAtomic(a.cfg.dir("node.key"), keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	a.self, a.cidrs = jr.Node, jr.ClusterCIDRs
+	a.log.Info("joined the cluster", "server", a.cfg.ServerURL, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
+	if err := a.setupDataPlane(); err != nil {
+		return nil, &permanentError{apiErr: api.Error{Message: err.Error()}}
+	}
+	return newAPIClient(a.cfg.ServerURL, ca, &cert), nil
+}
+
+// setupDataPlane creates (once) the WireGuard device and makes its
+// address, routes, the pod bridge and the CNI config match the node's
+// pod CIDRs.
+func (a *Agent) setupDataPlane() error {
+	if !a.cfg.DataPlane {
+		return nil
+	}
+	if a.dev == nil {
+		wc := a.cfg.WireGuard
+		wc.PrivateKey = a.id.privateKey
+		if wc.MTU == 0 && len(a.cfg.NodeIPs) > 0 {
+			// The underlay is the interface of the node IP: peers are
+			// reached through it, even where no default route exists.
+			if m, ok := linkMTUOf(a.cfg.NodeIPs[0]); ok && m > mesh.Overhead+576 {
+				wc.MTU = mesh.TunnelMTU(m)
+			}
+		}
+		dev, err := mesh.Open(wc, a.log)
+		if err != nil {
+			return err
+		}
+		a.dev = dev
+		a.log.Info("WireGuard device up", "interface", wc.Interface, "kind", dev.Kind(), "mtu", dev.MTU(), "listenPort", wc.ListenPort)
+	}
+	var tunAddrs, gateways []netip.Prefix
+	v4, v6 := false, false
+	for _, p := range a.self.PodCIDRs {
+		tunAddrs = append(tunAddrs, ipam.TunnelAddr(p))
+		gateways = append(gateways, ipam.Gateway(p))
+		v4 = v4 || p.Addr().Is4()
+		v6 = v6 || p.Addr().Is6()
+	}
+	if err := a.dev.SetAddresses(tunAddrs); err != nil {
+		return err
+	}
+	if err := a.dev.SetRoutes(a.cidrs); err != nil {
+		return err
+	}
+	if err := cni.EnableForwarding(v4, v6); err != nil {
+		return err
+	}
+	if err := cni.EnsureBridge(a.cfg.Bridge, gateways, a.dev.MTU()); err != nil {
+		return err
+	}
+	return cni.Write(cni.Config{
+		Dir:         a.cfg.CNIConfDir,
+		Bridge:      a.cfg.Bridge,
+		PodCIDRs:    a.self.PodCIDRs,
+		MTU:         a.dev.MTU(),
+		IPAMDataDir: a.cfg.dir("cni-ipam"),
+	})
+}
+
+// follow keeps the netmap stream open, reconnecting with backoff. It
+// returns when ctx ends, or with an error when the server no longer
+// accepts this credential.
+func (a *Agent) follow(ctx context.Context, c *apiClient) error {
+	wl := &waitLog{log: a.log, what: "the netmap stream from " + a.cfg.ServerURL}
+	connected := false
+	for n := 0; ; {
+		err := c.streamNetmaps(ctx, func(nm api.NetMap) {
+			if !connected {
+				connected, n = true, 0
+				a.log.Info("netmap stream connected", "server", a.cfg.ServerURL)
+			}
+			a.apply(nm)
+		})
+		if ctx.Err() != nil {
+			return nil
+		}
+		if connected {
+			a.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "err", err)
+			connected = false
+		}
+		var pe *permanentError
+		if errors.As(err, &pe) {
+			if pe.apiErr.Code == api.ErrCodeNodeDeleted {
+				a.log.Error("this node was deleted from the cluster by an administrator; removing its peers. Restart the agent to join again.")
+				if a.dev != nil {
+					_ = a.dev.SetPeers(nil)
+				}
+				return ErrDeleted
+			}
+			return err
+		}
+		wl.failed(err)
+		if err := sleep(ctx, backoff(n)); err != nil {
+			return nil
+		}
+		n++
+	}
+}
+
+// apply makes the WireGuard peers match a netmap. Entries that fail the
+// same checks the server applies are dropped here too: an agent does not
+// trust a server blindly with its routing table.
+func (a *Agent) apply(nm api.NetMap) {
+	if nm.Version < a.lastVersion {
+		a.log.Debug("ignoring older netmap", "version", nm.Version, "have", a.lastVersion)
+		return
+	}
+	a.lastVersion = nm.Version
+	if a.dev == nil {
+		return
+	}
+	peers := make([]mesh.Peer, 0, len(nm.Peers))
+	for _, p := range nm.Peers {
+		mp, ok := a.sanitize(p)
+		if !ok {
+			continue
+		}
+		peers = append(peers, mp)
+	}
+	if err := a.dev.SetPeers(peers); err != nil {
+		a.log.Error("applying netmap failed; will retry on the next one", "version", nm.Version, "err", err)
+		return
+	}
+	a.log.Debug("netmap applied", "version", nm.Version, "peers", len(peers))
+}
+
+func (a *Agent) sanitize(p api.Peer) (mesh.Peer, bool) {
+	if p.PublicKey.IsZero() || p.PublicKey == api.Key(a.id.privateKey.PublicKey()) {
+		a.log.Warn("ignoring netmap peer with a missing or our own key", "peer", p.Name)
+		return mesh.Peer{}, false
+	}
+	n := api.Node{PodCIDRs: p.AllowedIPs}
+	allowed := netmap.AllowedIPs(&n, a.cidrs)
+	for _, own := range a.self.PodCIDRs {
+		for i := 0; i < len(allowed); i++ {
+			if allowed[i].Overlaps(own) {
+				allowed = append(allowed[:i], allowed[i+1:]...)
+				i--
+			}
+		}
+	}
+	if len(allowed) != len(p.AllowedIPs) {
+		a.log.Warn("ignoring allowed IPs outside the peer's own pod CIDR", "peer", p.Name, "sent", p.AllowedIPs, "kept", allowed)
+	}
+	if len(allowed) == 0 {
+		return mesh.Peer{}, false
+	}
+	ep := p.Endpoint
+	if ep.IsValid() && !netmap.ValidEndpoint(ep.Addr()) {
+		a.log.Warn("ignoring invalid endpoint", "peer", p.Name, "endpoint", ep)
+		ep = netip.AddrPort{}
+	}
+	return mesh.Peer{
+		PublicKey:           p.PublicKey,
+		Endpoint:            ep,
+		AllowedIPs:          allowed,
+		PersistentKeepalive: time.Duration(p.PersistentKeepalive) * time.Second,
+	}, true
+}

@@ -1,0 +1,102 @@
+// Package agent runs a node: it joins the cluster, keeps its netmap stream
+// open and makes the node's WireGuard device, routes and pod bridge match.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"net/url"
+	"path/filepath"
+
+	"github.com/trellis-mesh/trellis/internal/mesh"
+)
+
+// Config holds everything an agent needs. Zero values are replaced by the
+// documented defaults in Validate.
+type Config struct {
+	// ServerURL is the supervisor, e.g. https://198.51.100.10:6443.
+	ServerURL string
+	// Token is the join token (K10<ca-hash>::server:<secret>, or the bare
+	// secret, which does not pin the CA).
+	Token string
+	// DataDir is the root of the node's state; the agent keeps its files in
+	// DataDir/agent. Default /var/lib/trellis.
+	DataDir string
+	// NodeName is the node's name. Required.
+	NodeName string
+	// NodeIPs are the node's internal addresses. Default: the address the
+	// default route leaves from.
+	NodeIPs []netip.Addr
+	// ExternalIPs are the addresses other networks reach the node at.
+	ExternalIPs []netip.Addr
+	// DataPlane enables WireGuard (--flannel-backend=wireguard-native);
+	// false is --flannel-backend=none.
+	DataPlane bool
+	// WireGuard is the WireGuard device; Interface defaults to trellis-wg
+	// and ListenPort to 51820. PrivateKey is filled in by the agent.
+	WireGuard mesh.Config
+	// CNIConfDir is where the CNI config is written. Default
+	// /etc/cni/net.d.
+	CNIConfDir string
+	// Bridge is the pod bridge. Default cni0.
+	Bridge string
+	// Logger receives the agent's logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Validate fills in defaults and checks the values.
+func (c *Config) Validate() error {
+	if c.ServerURL == "" {
+		return errors.New("no server given: set --server https://<server>:6443 (or TRELLIS_URL)")
+	}
+	u, err := url.Parse(c.ServerURL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return fmt.Errorf("server URL %q is not valid: use https://<server address>:6443", c.ServerURL)
+	}
+	if c.Token == "" {
+		return errors.New("no join token given: set --token (or --token-file, TRELLIS_TOKEN) to the content of <data-dir>/server/token on the server")
+	}
+	if c.NodeName == "" {
+		return errors.New("agent config: node name is empty; set --node-name")
+	}
+	if c.DataDir == "" {
+		c.DataDir = "/var/lib/trellis"
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		abs, err := filepath.Abs(c.DataDir)
+		if err != nil {
+			return fmt.Errorf("data dir %q: %w", c.DataDir, err)
+		}
+		c.DataDir = abs
+	}
+	if c.CNIConfDir == "" {
+		c.CNIConfDir = "/etc/cni/net.d"
+	}
+	if c.Bridge == "" {
+		c.Bridge = "cni0"
+	}
+	if c.WireGuard.Interface == "" {
+		c.WireGuard.Interface = mesh.DefaultInterface
+	}
+	if c.WireGuard.ListenPort == 0 {
+		c.WireGuard.ListenPort = mesh.DefaultListenPort
+	}
+	if c.WireGuard.ListenPort < 1 || c.WireGuard.ListenPort > 65535 {
+		return fmt.Errorf("WireGuard listen port %d is out of range 1-65535", c.WireGuard.ListenPort)
+	}
+	for _, a := range append(append([]netip.Addr{}, c.NodeIPs...), c.ExternalIPs...) {
+		if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() {
+			return fmt.Errorf("address %v cannot be a node address: other hosts cannot reach it", a)
+		}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+func (c *Config) dir(parts ...string) string {
+	return filepath.Join(append([]string{c.DataDir, "agent"}, parts...)...)
+}
