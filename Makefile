@@ -1,0 +1,24 @@
+# Trellis: `make run` starts a single-node server on the embedded defaults,
+# `make test` runs every test (as root for the namespace tests).
+GO ?= go
+BIN := bin/trellis
+
+.PHONY: build run test unit e2e bench clean
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/trellis
+
+run: build
+	./$(BIN) server
+
+test:
+	./scripts/test.sh
+
+unit:
+	E2E=0 FUZZTIME=1s ./scripts/test.sh
+
+e2e:
+	$(GO) test -tags e2e -count=1 -v ./e2e/...
+
+clean:
+	rm -rf bin
