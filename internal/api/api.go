@@ -23,6 +23,11 @@ const (
 	// PathNodes lists nodes (GET, admin). PathNodes+"/NAME" deletes one
 	// (DELETE, admin).
 	PathNodes = "/v1/nodes"
+	// PathReport takes a Report from a node about itself (PUT, node).
+	PathReport = "/v1/report"
+	// PathPaths lists how every pair of nodes reaches each other (GET,
+	// admin).
+	PathPaths = "/v1/paths"
 )
 
 // Node roles.
@@ -116,8 +121,13 @@ type Node struct {
 	ObservedIP netip.Addr     `json:"observedIP,omitzero"`
 	ListenPort uint16         `json:"listenPort,omitempty"`
 	PodCIDRs   []netip.Prefix `json:"podCIDRs"`
-	CreatedAt  time.Time      `json:"createdAt"`
-	UpdatedAt  time.Time      `json:"updatedAt"`
+	// Relay marks a node that relays traffic between nodes that cannot
+	// reach each other (servers relay by default).
+	Relay bool `json:"relay,omitempty"`
+	// Observations are what the node last reported about its peers.
+	Observations []Observation `json:"observations,omitempty"`
+	CreatedAt    time.Time     `json:"createdAt"`
+	UpdatedAt    time.Time     `json:"updatedAt"`
 	// Ready is computed by the server: the node holds a netmap stream open.
 	Ready bool `json:"ready"`
 }
@@ -156,7 +166,63 @@ type Peer struct {
 	AllowedIPs []netip.Prefix `json:"allowedIPs"`
 	// PersistentKeepalive in seconds; 0 disables it.
 	PersistentKeepalive int `json:"persistentKeepalive,omitempty"`
+	// Via names the relay that carries traffic to this peer. The peer is
+	// then kept with no allowed IPs, as a probe of the direct path, and
+	// its pod CIDRs are among the relay's allowed IPs.
+	Via string `json:"via,omitempty"`
+	// Reason says why the path is relayed.
+	Reason string `json:"reason,omitempty"`
 }
+
+// Handshake states a node reports about a peer.
+const (
+	// HandshakeOK: a handshake completed recently; the direct path works.
+	HandshakeOK = "ok"
+	// HandshakeFailing: the peer has been configured for a while and no
+	// handshake completed.
+	HandshakeFailing = "failing"
+)
+
+// Observation is what a node sees of one peer on its WireGuard device.
+type Observation struct {
+	// Peer is the peer's node name.
+	Peer string `json:"peer"`
+	// Endpoint is where the peer's packets come from (after any NAT).
+	Endpoint netip.AddrPort `json:"endpoint,omitzero"`
+	// Handshake is HandshakeOK, HandshakeFailing or empty (too early to
+	// tell).
+	Handshake string `json:"handshake,omitempty"`
+}
+
+// Report is what an agent tells the server about itself when it changes:
+// its addresses and what it sees of its peers.
+type Report struct {
+	InternalIPs  []netip.Addr   `json:"internalIPs,omitempty"`
+	Networks     []netip.Prefix `json:"networks,omitempty"`
+	ExternalIPs  []netip.Addr   `json:"externalIPs,omitempty"`
+	Observations []Observation  `json:"observations,omitempty"`
+}
+
+// Path is how one node reaches another.
+type Path struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+	// Kind is PathDirect, PathRelayed or PathNone.
+	Kind string `json:"kind"`
+	// Via is the relay of a relayed path.
+	Via string `json:"via,omitempty"`
+	// Endpoint is where From sends packets for To (direct paths).
+	Endpoint netip.AddrPort `json:"endpoint,omitzero"`
+	// Reason explains a relayed or missing path.
+	Reason string `json:"reason,omitempty"`
+}
+
+// Path kinds.
+const (
+	PathDirect  = "direct"
+	PathRelayed = "relayed"
+	PathNone    = "none"
+)
 
 // Error is the JSON body of every error response.
 type Error struct {

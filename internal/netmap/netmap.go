@@ -28,44 +28,282 @@ type Policy struct {
 	Keepalive int
 }
 
-// Compute returns the peers of the node named self, sorted by name. Nodes
-// without a data plane (no key, no listen port or no pod CIDR) and entries
-// that fail Sanitize are left out.
+// Compute returns the peers of the node named self, sorted by name. It is
+// NewView(nodes, p).Peers(self); callers computing the peers of many nodes
+// from one set of records should build the View once.
 func Compute(self string, nodes []api.Node, p Policy) []api.Peer {
-	var me *api.Node
+	return NewView(nodes, p).Peers(self)
+}
+
+// View is the cluster as the netmap sees it: nodes indexed by name, the
+// WireGuard endpoints their peers observed, and the relay candidates. It is
+// immutable once built.
+type View struct {
+	policy Policy
+	nodes  []api.Node
+	byName map[string]*api.Node
+	// obs[a][b] is what a reported about b.
+	obs map[string]map[string]api.Observation
+	// observed[b] is b's endpoint as a node with a working handshake sees
+	// it: for a node behind NAT, its NAT mapping.
+	observed map[string]netip.AddrPort
+	relays   []*api.Node // sorted by name
+}
+
+// NewView indexes nodes for the policy. nodes is not modified or kept
+// beyond its elements' values.
+func NewView(nodes []api.Node, p Policy) *View {
+	v := &View{
+		policy:   p,
+		nodes:    nodes,
+		byName:   make(map[string]*api.Node, len(nodes)),
+		obs:      make(map[string]map[string]api.Observation, len(nodes)),
+		observed: map[string]netip.AddrPort{},
+	}
 	for i := range nodes {
-		if nodes[i].Name == self {
-			me = &nodes[i]
-			break
+		n := &nodes[i]
+		if _, dup := v.byName[n.Name]; dup {
+			continue
+		}
+		v.byName[n.Name] = n
+	}
+	// Reporters in name order, so the chosen observation is stable.
+	names := make([]string, 0, len(v.byName))
+	for name := range v.byName {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		n := v.byName[name]
+		if len(n.Observations) == 0 {
+			continue
+		}
+		m := make(map[string]api.Observation, len(n.Observations))
+		for _, o := range n.Observations {
+			m[o.Peer] = o
+			if _, have := v.observed[o.Peer]; !have && o.Handshake == api.HandshakeOK && o.Endpoint.IsValid() && ValidEndpoint(o.Endpoint.Addr()) {
+				v.observed[o.Peer] = o.Endpoint
+			}
+		}
+		v.obs[name] = m
+		if (n.Relay || n.HasRole(api.RoleServer)) && hasDataPlane(n) {
+			v.relays = append(v.relays, n)
 		}
 	}
+	for _, name := range names {
+		n := v.byName[name]
+		if len(n.Observations) == 0 && (n.Relay || n.HasRole(api.RoleServer)) && hasDataPlane(n) {
+			v.relays = append(v.relays, n)
+		}
+	}
+	slices.SortFunc(v.relays, func(a, b *api.Node) int { return strings.Compare(a.Name, b.Name) })
+	return v
+}
+
+func hasDataPlane(n *api.Node) bool { return !n.PublicKey.IsZero() && n.ListenPort != 0 }
+
+// Peers returns the peers of the node named self, sorted by name. Nodes
+// without a data plane (no key, no listen port or no pod CIDR) and entries
+// that fail the sanity checks are left out. A peer reached through a relay
+// is listed with no allowed IPs (a probe of the direct path) and its pod
+// CIDRs go to the relay's entry.
+func (v *View) Peers(self string) []api.Peer {
+	me := v.byName[self]
 	if me == nil {
 		return nil
 	}
-	peers := make([]api.Peer, 0, len(nodes))
+	peers := make([]api.Peer, 0, len(v.byName))
+	index := map[string]int{}
 	seenKeys := map[api.Key]bool{me.PublicKey: true}
-	for i := range nodes {
-		n := &nodes[i]
-		if n.Name == self || n.PublicKey.IsZero() || n.ListenPort == 0 || seenKeys[n.PublicKey] {
+	var relayed []api.Path
+	for i := range v.nodes {
+		n := &v.nodes[i]
+		if n.Name == self || v.byName[n.Name] != n || !hasDataPlane(n) || seenKeys[n.PublicKey] {
 			// Two records with one key would make WireGuard route one
 			// node's traffic to the other: keep the first only.
 			continue
 		}
-		allowed := AllowedIPs(n, p.ClusterCIDRs)
+		allowed := AllowedIPs(n, v.policy.ClusterCIDRs)
 		if len(allowed) == 0 {
 			continue
 		}
 		seenKeys[n.PublicKey] = true
-		peers = append(peers, api.Peer{
+		path := v.Path(self, n.Name)
+		peer := api.Peer{
 			Name:                n.Name,
 			PublicKey:           n.PublicKey,
-			Endpoint:            Endpoint(me, n, p),
+			Endpoint:            v.Endpoint(me, n),
 			AllowedIPs:          allowed,
-			PersistentKeepalive: p.Keepalive,
-		})
+			PersistentKeepalive: v.policy.Keepalive,
+		}
+		if path.Kind != api.PathDirect {
+			peer.AllowedIPs = []netip.Prefix{}
+			peer.Via, peer.Reason = path.Via, path.Reason
+			if path.Kind == api.PathRelayed {
+				relayed = append(relayed, path)
+			}
+		}
+		index[n.Name] = len(peers)
+		peers = append(peers, peer)
+	}
+	for _, p := range relayed {
+		ri, ok := index[p.Via]
+		if !ok {
+			continue
+		}
+		peers[ri].AllowedIPs = append(peers[ri].AllowedIPs, AllowedIPs(v.byName[p.To], v.policy.ClusterCIDRs)...)
+	}
+	for i := range peers {
+		slices.SortFunc(peers[i].AllowedIPs, comparePrefix)
 	}
 	slices.SortFunc(peers, func(a, b api.Peer) int { return strings.Compare(a.Name, b.Name) })
 	return peers
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// Paths returns how every node reaches every other, sorted by From, To.
+func (v *View) Paths() []api.Path {
+	var out []api.Path
+	names := make([]string, 0, len(v.byName))
+	for name, n := range v.byName {
+		if hasDataPlane(n) {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	for _, a := range names {
+		for _, b := range names {
+			if a != b {
+				out = append(out, v.Path(a, b))
+			}
+		}
+	}
+	return out
+}
+
+// Path says how node a reaches node b:
+//   - direct when either reported a working handshake with the other;
+//   - relayed when either reported the handshake failing, or when neither
+//     knows an endpoint of the other (both behind NAT);
+//   - otherwise direct: try the direct path first.
+//
+// A relayed path goes through the first relay (by name) that is ready and
+// has a working direct path to both. Path is symmetric in its decision.
+func (v *View) Path(a, b string) api.Path {
+	p := api.Path{From: a, To: b}
+	na, nb := v.byName[a], v.byName[b]
+	if na == nil || nb == nil {
+		p.Kind, p.Reason = api.PathNone, "unknown node"
+		return p
+	}
+	p.Endpoint = v.Endpoint(na, nb)
+	ok, reason := v.direct(na, nb)
+	if ok {
+		p.Kind = api.PathDirect
+		return p
+	}
+	p.Reason = reason
+	for _, r := range v.relays {
+		if r.Name == a || r.Name == b || !r.Ready {
+			continue
+		}
+		if okA, _ := v.direct(na, r); !okA {
+			continue
+		}
+		if okB, _ := v.direct(nb, r); !okB {
+			continue
+		}
+		p.Kind, p.Via = api.PathRelayed, r.Name
+		return p
+	}
+	p.Kind = api.PathNone
+	p.Reason += "; no relay is ready that reaches both (servers relay; label more with --relay)"
+	return p
+}
+
+// direct decides whether a and b use their direct path, and if not, why.
+func (v *View) direct(a, b *api.Node) (bool, string) {
+	oab, oba := v.obs[a.Name][b.Name], v.obs[b.Name][a.Name]
+	switch {
+	case oab.Handshake == api.HandshakeOK || oba.Handshake == api.HandshakeOK:
+		return true, ""
+	case oab.Handshake == api.HandshakeFailing || oba.Handshake == api.HandshakeFailing:
+		return false, "direct handshake failed"
+	case v.Endpoint(a, b).IsValid() || v.Endpoint(b, a).IsValid():
+		return true, ""
+	}
+	return false, "neither node has an address the other can reach (both behind NAT)"
+}
+
+// Endpoint chooses where from sends WireGuard packets for to:
+//   - with --flannel-external-ip, to's external IP;
+//   - on a shared network, to's internal IP;
+//   - otherwise its external IP, else its internal IP when that is the
+//     address it talks to the server from (a public address on its
+//     interface), else the NAT mapping a peer observed.
+//
+// The address family must be one from can use. The zero AddrPort means no
+// usable address is known: to must reach from first.
+func (v *View) Endpoint(from, to *api.Node) netip.AddrPort {
+	if to.ListenPort == 0 {
+		return netip.AddrPort{}
+	}
+	v4, v6 := families(from)
+	usable := func(a netip.Addr) bool {
+		return ValidEndpoint(a) && ((a.Is4() && v4) || (a.Is6() && v6))
+	}
+	pick := func(addrs []netip.Addr) netip.AddrPort {
+		for _, a := range addrs {
+			if usable(a) {
+				return netip.AddrPortFrom(a, to.ListenPort)
+			}
+		}
+		return netip.AddrPort{}
+	}
+	observed := v.observed[to.Name]
+	if !usable(observed.Addr()) {
+		observed = netip.AddrPort{}
+	}
+	var order []func() netip.AddrPort
+	ext := func() netip.AddrPort { return pick(to.ExternalIPs) }
+	internal := func() netip.AddrPort { return pick(to.InternalIPs) }
+	public := func() netip.AddrPort {
+		if !behindNAT(to) {
+			return internal()
+		}
+		return netip.AddrPort{}
+	}
+	obs := func() netip.AddrPort { return observed }
+	switch {
+	case v.policy.ForceExternal:
+		order = append(order, ext, public, obs)
+	case SameNetwork(from, to):
+		order = append(order, internal, ext, obs)
+	default:
+		order = append(order, ext, public, obs)
+	}
+	for _, f := range order {
+		if ap := f(); ap.IsValid() {
+			return ap
+		}
+	}
+	return netip.AddrPort{}
+}
+
+// behindNAT reports whether n reaches the server from an address that is
+// not its own: its internal addresses are then not reachable from other
+// networks. Without an observation it is assumed not to be.
+func behindNAT(n *api.Node) bool {
+	if !n.ObservedIP.IsValid() || n.ObservedIP.IsLoopback() {
+		return false
+	}
+	return !slices.Contains(n.InternalIPs, n.ObservedIP) && !slices.Contains(n.ExternalIPs, n.ObservedIP)
 }
 
 // AllowedIPs returns n's pod CIDRs that are node prefixes of one of the
@@ -84,44 +322,9 @@ func AllowedIPs(n *api.Node, clusterCIDRs []netip.Prefix) []netip.Prefix {
 	return out
 }
 
-// Endpoint chooses where from sends WireGuard packets for to: to's external
-// IP when the policy forces it or the two nodes do not share a network, its
-// internal IP when they do. The address family must be one from can use.
-// The zero AddrPort means no usable address is known.
+// Endpoint is View.Endpoint for a view without observations.
 func Endpoint(from, to *api.Node, p Policy) netip.AddrPort {
-	port := to.ListenPort
-	if port == 0 {
-		return netip.AddrPort{}
-	}
-	v4, v6 := families(from)
-	usable := func(a netip.Addr) bool {
-		return ValidEndpoint(a) && ((a.Is4() && v4) || (a.Is6() && v6))
-	}
-	pick := func(addrs []netip.Addr) netip.Addr {
-		for _, a := range addrs {
-			if usable(a) {
-				return a
-			}
-		}
-		return netip.Addr{}
-	}
-	var order [][]netip.Addr
-	switch {
-	case p.ForceExternal:
-		order = [][]netip.Addr{to.ExternalIPs, to.InternalIPs}
-	case SameNetwork(from, to):
-		order = [][]netip.Addr{to.InternalIPs, to.ExternalIPs}
-	default:
-		// Not in one network: the external address, else the internal one
-		// (a cloud VM whose interface holds a public address).
-		order = [][]netip.Addr{to.ExternalIPs, to.InternalIPs}
-	}
-	for _, addrs := range order {
-		if a := pick(addrs); a.IsValid() {
-			return netip.AddrPortFrom(a, port)
-		}
-	}
-	return netip.AddrPort{}
+	return (&View{policy: p}).Endpoint(from, to)
 }
 
 // families reports which address families n can send from. A node that
@@ -148,6 +351,9 @@ func families(n *api.Node) (v4, v6 bool) {
 // same here: such clusters need --flannel-external-ip, as the seed page
 // prescribes for servers anyway.
 func SameNetwork(a, b *api.Node) bool {
+	if behindNAT(a) && a.ObservedIP == b.ObservedIP {
+		return true // behind one NAT: a home network
+	}
 	for _, na := range a.Networks {
 		for _, ib := range b.InternalIPs {
 			if na.Contains(ib) {

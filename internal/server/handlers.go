@@ -230,9 +230,12 @@ func (s *Server) nodeAuth(w http.ResponseWriter, r *http.Request) (string, bool)
 		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "this call needs a node credential; join the cluster first")
 		return "", false
 	}
+	serial := r.TLS.VerifiedChains[0][0].SerialNumber.Text(16)
 	rec, ok := s.hub.record(id.Name)
-	if !ok {
-		// The hub may lag the store by a moment after a join.
+	if !ok || rec.CertSerial != serial {
+		// The hub may lag the store by a moment after a join: ask the
+		// store, which is authoritative.
+		ok = false
 		if rr, _, err := s.reg.get(r.Context(), id.Name); err == nil {
 			rec, ok = *rr, true
 		}
@@ -241,7 +244,7 @@ func (s *Server) nodeAuth(w http.ResponseWriter, r *http.Request) (string, bool)
 		writeError(w, http.StatusForbidden, api.ErrCodeNodeDeleted, fmt.Sprintf("node %q was deleted from the cluster; restart the agent with a valid join token to join again", id.Name))
 		return "", false
 	}
-	if rec.CertSerial != r.TLS.VerifiedChains[0][0].SerialNumber.Text(16) {
+	if rec.CertSerial != serial {
 		writeError(w, http.StatusForbidden, api.ErrCodeForbidden, fmt.Sprintf("this credential of node %q was replaced by a newer join; restart the agent to join again", id.Name))
 		return "", false
 	}

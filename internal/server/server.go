@@ -175,16 +175,16 @@ func (s *Server) Token() string { return s.token.String() }
 // Close stops the API and the store. It is idempotent.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
+		if s.cancel != nil {
+			s.cancel() // ends netmap streams cleanly: their contexts derive from it
+		}
 		if s.http != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			_ = s.http.Shutdown(ctx) // streams are hijack-free but long: cut them below
+			_ = s.http.Shutdown(ctx)
 			cancel()
 			_ = s.http.Close()
 		} else if s.ln != nil {
 			_ = s.ln.Close()
-		}
-		if s.cancel != nil {
-			s.cancel()
 		}
 		s.wg.Wait()
 		if s.store != nil {
