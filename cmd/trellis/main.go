@@ -94,6 +94,7 @@ type nodeFlags struct {
 	wgMTU          int
 	logLevel       string
 	logFormat      string
+	relay          bool
 }
 
 func (n *nodeFlags) register(fs *flag.FlagSet) {
@@ -111,6 +112,7 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&n.wgMTU, "wireguard-mtu", 0, "MTU of the WireGuard interface (0: underlay MTU - 80)")
 	fs.StringVar(&n.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&n.logFormat, "log-format", "text", "log format: text or json")
+	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
 }
 
 // parse parses args, then settles unset flags from env and config files.
@@ -179,7 +181,7 @@ func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
 		return c, fmt.Errorf("--wireguard-mode: %w", err)
 	}
 	c.WireGuard = mesh.Config{ListenPort: n.wgPort, Mode: mode, MTU: n.wgMTU}
-	c.NodeName, c.DataDir, c.CNIConfDir, c.Logger = n.nodeName, n.dataDir, n.cniConfDir, log
+	c.NodeName, c.DataDir, c.CNIConfDir, c.Logger, c.Relay = n.nodeName, n.dataDir, n.cniConfDir, log, n.relay
 	return c, nil
 }
 

@@ -9,6 +9,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
@@ -34,7 +36,23 @@ type Agent struct {
 	self  api.Node
 	cidrs []netip.Prefix // cluster CIDRs
 
-	lastVersion int64
+	lastVersion int64 // only touched by the netmap stream's goroutine
+
+	mu     sync.Mutex
+	client *apiClient             // guarded by mu; the joined client, nil before
+	peers  map[api.Key]*peerState // guarded by mu; peers of the last netmap
+	addrs  addrSet                // guarded by mu; the node's current addresses
+	kick   chan struct{}          // restarts the netmap stream (addresses changed)
+}
+
+// peerState is what the agent remembers of a peer between netmaps.
+type peerState struct {
+	name string
+	// since is when the peer first appeared: a handshake is expected
+	// within handshakeGrace after it.
+	since time.Time
+	// desired is the endpoint the last netmap gave.
+	desired netip.AddrPort
 }
 
 // Run joins the cluster and keeps the node's data plane in step with its
@@ -45,7 +63,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeName)}
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeName), peers: map[api.Key]*peerState{}, kick: make(chan struct{}, 1)}
 	tok, err := token.Parse(cfg.Token)
 	if err != nil {
 		return fmt.Errorf("--token: %w", err)
@@ -60,15 +78,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if a.id, err = loadOrCreateIdentity(&a.cfg); err != nil {
 		return err
 	}
-	if len(a.cfg.NodeIPs) == 0 {
-		for _, v6 := range []bool{false, true} {
-			if ip, ok := defaultAddr(v6); ok {
-				a.cfg.NodeIPs = append(a.cfg.NodeIPs, ip)
-			}
-		}
-		if len(a.cfg.NodeIPs) == 0 {
-			a.log.Warn("no default route, so no node IP could be detected; set --node-ip")
-		}
+	a.addrs = a.detectAddrs()
+	if len(a.addrs.internal) == 0 {
+		a.log.Warn("no default route, so no node IP could be detected; set --node-ip")
 	}
 	defer a.close()
 
@@ -76,6 +88,17 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	rctx, stopReports := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.reportLoop(rctx)
+	}()
+	defer func() {
+		stopReports()
+		wg.Wait()
+	}()
 	for {
 		err := a.follow(ctx, client)
 		client.close()
@@ -179,17 +202,15 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 	if err != nil {
 		return nil, err
 	}
-	networks, err := networksOf(a.cfg.NodeIPs)
-	if err != nil {
-		a.log.Warn("cannot tell which networks the node is on", "err", err)
-	}
+	addrs := a.currentAddrs()
 	req := api.JoinRequest{
 		NodeName:     a.cfg.NodeName,
 		NodePassword: a.id.password,
 		CSR:          csrPEM,
-		InternalIPs:  a.cfg.NodeIPs,
-		Networks:     networks,
+		InternalIPs:  addrs.internal,
+		Networks:     addrs.networks,
 		ExternalIPs:  a.cfg.ExternalIPs,
+		Relay:        a.cfg.Relay,
 	}
 	if a.cfg.DataPlane {
 		req.PublicKey = api.Key(a.id.privateKey.PublicKey())
@@ -217,7 +238,11 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 	if err := a.setupDataPlane(); err != nil {
 		return nil, &permanentError{apiErr: api.Error{Message: err.Error()}}
 	}
-	return newAPIClient(a.cfg.ServerURL, ca, &cert), nil
+	c := newAPIClient(a.cfg.ServerURL, ca, &cert)
+	a.mu.Lock()
+	a.client = c
+	a.mu.Unlock()
+	return c, nil
 }
 
 // setupDataPlane creates (once) the WireGuard device and makes its
@@ -230,10 +255,10 @@ func (a *Agent) setupDataPlane() error {
 	if a.dev == nil {
 		wc := a.cfg.WireGuard
 		wc.PrivateKey = a.id.privateKey
-		if wc.MTU == 0 && len(a.cfg.NodeIPs) > 0 {
+		if addrs := a.currentAddrs(); wc.MTU == 0 && len(addrs.internal) > 0 {
 			// The underlay is the interface of the node IP: peers are
 			// reached through it, even where no default route exists.
-			if m, ok := linkMTUOf(a.cfg.NodeIPs[0]); ok && m > mesh.Overhead+576 {
+			if m, ok := linkMTUOf(addrs.internal[0]); ok && m > mesh.Overhead+576 {
 				wc.MTU = mesh.TunnelMTU(m)
 			}
 		}
@@ -280,15 +305,31 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 	wl := &waitLog{log: a.log, what: "the netmap stream from " + a.cfg.ServerURL}
 	connected := false
 	for n := 0; ; {
-		err := c.streamNetmaps(ctx, func(nm api.NetMap) {
+		sctx, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-a.kick:
+				cancel()
+			case <-sctx.Done():
+			}
+		}()
+		err := c.streamNetmaps(sctx, func(nm api.NetMap) {
 			if !connected {
 				connected, n = true, 0
 				a.log.Info("netmap stream connected", "server", a.cfg.ServerURL)
 			}
 			a.apply(nm)
 		})
+		kicked := sctx.Err() != nil && ctx.Err() == nil
+		cancel()
 		if ctx.Err() != nil {
 			return nil
+		}
+		if kicked {
+			a.log.Info("reconnecting the netmap stream from the node's new address")
+			c.close()
+			connected = false
+			continue
 		}
 		if connected {
 			a.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "err", err)
@@ -325,14 +366,38 @@ func (a *Agent) apply(nm api.NetMap) {
 	if a.dev == nil {
 		return
 	}
+	current := map[api.Key]mesh.PeerStatus{}
+	if st, err := a.dev.Status(); err == nil {
+		for _, p := range st {
+			current[api.Key(p.PublicKey)] = p
+		}
+	}
+	now := time.Now()
+	a.mu.Lock()
+	old := a.peers
+	a.peers = make(map[api.Key]*peerState, len(nm.Peers))
 	peers := make([]mesh.Peer, 0, len(nm.Peers))
 	for _, p := range nm.Peers {
 		mp, ok := a.sanitize(p)
 		if !ok {
 			continue
 		}
+		ps := old[p.PublicKey]
+		if ps == nil {
+			ps = &peerState{since: now}
+		}
+		// Keep a working path: WireGuard follows a peer that roams (a NAT
+		// that maps it elsewhere than the server observed) and we do not
+		// pull it back, unless the netmap announces a new address.
+		if cur, ok := current[p.PublicKey]; ok && ps.desired == mp.Endpoint && cur.Endpoint.IsValid() &&
+			handshakeFresh(cur.LastHandshake, now) {
+			mp.Endpoint = cur.Endpoint
+		}
+		ps.name, ps.desired = p.Name, p.Endpoint
+		a.peers[p.PublicKey] = ps
 		peers = append(peers, mp)
 	}
+	a.mu.Unlock()
 	if err := a.dev.SetPeers(peers); err != nil {
 		a.log.Error("applying netmap failed; will retry on the next one", "version", nm.Version, "err", err)
 		return
@@ -348,17 +413,12 @@ func (a *Agent) sanitize(p api.Peer) (mesh.Peer, bool) {
 	n := api.Node{PodCIDRs: p.AllowedIPs}
 	allowed := netmap.AllowedIPs(&n, a.cidrs)
 	for _, own := range a.self.PodCIDRs {
-		for i := 0; i < len(allowed); i++ {
-			if allowed[i].Overlaps(own) {
-				allowed = append(allowed[:i], allowed[i+1:]...)
-				i--
-			}
-		}
+		allowed = slices.DeleteFunc(allowed, func(q netip.Prefix) bool { return q.Overlaps(own) })
 	}
 	if len(allowed) != len(p.AllowedIPs) {
-		a.log.Warn("ignoring allowed IPs outside the peer's own pod CIDR", "peer", p.Name, "sent", p.AllowedIPs, "kept", allowed)
+		a.log.Warn("ignoring allowed IPs outside the cluster's pod CIDRs or inside our own", "peer", p.Name, "sent", p.AllowedIPs, "kept", allowed)
 	}
-	if len(allowed) == 0 {
+	if len(allowed) == 0 && p.Via == "" {
 		return mesh.Peer{}, false
 	}
 	ep := p.Endpoint

@@ -42,6 +42,9 @@ type Config struct {
 	CNIConfDir string
 	// Bridge is the pod bridge. Default cni0.
 	Bridge string
+	// Relay offers this node as a relay for nodes that cannot reach each
+	// other directly (it needs a reachable address).
+	Relay bool
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
 }

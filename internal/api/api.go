@@ -23,6 +23,13 @@ const (
 	// PathNodes lists nodes (GET, admin). PathNodes+"/NAME" deletes one
 	// (DELETE, admin).
 	PathNodes = "/v1/nodes"
+	// PathConnect takes the websocket tunnel of a node authenticated by its
+	// node certificate (GET with a websocket upgrade). Through it the
+	// server reaches PathNodes+"/NAME/status" (GET, admin: the node's
+	// NodeStatus) and PathNodes+"/NAME/proxy/PORT" (GET, admin, upgraded to
+	// a websocket of binary messages that carries one TCP connection to
+	// 127.0.0.1:PORT on the node).
+	PathConnect = "/v1/connect"
 	// PathReport takes a Report from a node about itself (PUT, node).
 	PathReport = "/v1/report"
 	// PathPaths lists how every pair of nodes reaches each other (GET,
@@ -96,6 +103,9 @@ type JoinRequest struct {
 	ExternalIPs []netip.Addr `json:"externalIPs,omitempty"`
 	// ListenPort is the node's WireGuard UDP port; 0 means no data plane.
 	ListenPort uint16 `json:"listenPort,omitempty"`
+	// Relay asks to relay traffic for nodes that cannot reach each other
+	// (--relay). Servers relay anyway.
+	Relay bool `json:"relay,omitempty"`
 }
 
 // JoinResponse answers a successful join.
@@ -130,6 +140,9 @@ type Node struct {
 	UpdatedAt    time.Time     `json:"updatedAt"`
 	// Ready is computed by the server: the node holds a netmap stream open.
 	Ready bool `json:"ready"`
+	// Tunnel is computed by the server in node listings: the state of the
+	// node's supervisor tunnel. Nil elsewhere.
+	Tunnel *TunnelStatus `json:"tunnel,omitempty"`
 }
 
 // HasRole reports whether n has role r.

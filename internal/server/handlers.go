@@ -37,6 +37,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+api.PathJoin, s.handleJoin)
 	mux.HandleFunc("GET "+api.PathNetmap, s.handleNetmap)
 	mux.HandleFunc("GET "+api.PathNodes, s.admin(s.handleListNodes))
+	mux.HandleFunc("GET "+api.PathPaths, s.admin(s.handlePaths))
+	mux.HandleFunc("PUT "+api.PathReport, s.handleReport)
 	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
 	return mux
 }
@@ -184,6 +186,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		rec.Networks = maskAll(req.Networks)
 		rec.ExternalIPs = req.ExternalIPs
 		rec.ListenPort = req.ListenPort
+		rec.Relay = req.Relay
 		rec.ObservedIP = src
 		rec.CertSerial = serial
 	})
@@ -274,8 +277,8 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	var last api.NetMap
 	sent := false
 	for {
-		nodes, version, changed := s.hub.snapshot()
-		nm, ok := s.hub.netmapFor(name, nodes, version)
+		nodes, view, version, changed := s.hub.snapshot()
+		nm, ok := s.hub.netmapFor(name, nodes, view, version)
 		if !ok {
 			return // the node was deleted: the agent will learn why on reconnect
 		}

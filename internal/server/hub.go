@@ -19,11 +19,12 @@ type hub struct {
 	policy netmap.Policy
 
 	mu      sync.Mutex
-	records map[string]record // guarded by mu
-	version int64             // guarded by mu; store revision of the view
-	nodes   []api.Node        // guarded by mu; sorted snapshot, rebuilt per change
-	changed chan struct{}     // guarded by mu; closed on change
-	streams map[string]*streamInfo
+	records map[string]record      // guarded by mu
+	version int64                  // guarded by mu; store revision of the view
+	nodes   []api.Node             // guarded by mu; sorted snapshot, rebuilt per change
+	view    *netmap.View           // guarded by mu; built from nodes
+	changed chan struct{}          // guarded by mu; closed on change
+	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
 }
 
 type streamInfo struct {
@@ -34,6 +35,7 @@ type streamInfo struct {
 func newHub(p netmap.Policy) *hub {
 	return &hub{
 		policy:  p,
+		view:    netmap.NewView(nil, p),
 		records: map[string]record{},
 		changed: make(chan struct{}),
 		streams: map[string]*streamInfo{},
@@ -74,19 +76,22 @@ func (h *hub) publishLocked() {
 	names := slices.Sorted(maps.Keys(h.records))
 	nodes := make([]api.Node, 0, len(names))
 	for _, n := range names {
-		nodes = append(nodes, h.records[n].Node)
+		node := h.records[n].Node
+		node.Ready = h.streams[n] != nil
+		nodes = append(nodes, node)
 	}
 	h.nodes = nodes
+	h.view = netmap.NewView(nodes, h.policy)
 	close(h.changed)
 	h.changed = make(chan struct{})
 }
 
-// snapshot returns the current nodes (shared, read-only), the version and
-// a channel closed on the next change.
-func (h *hub) snapshot() ([]api.Node, int64, <-chan struct{}) {
+// snapshot returns the current nodes (shared, read-only), their view, the
+// version and a channel closed on the next change.
+func (h *hub) snapshot() ([]api.Node, *netmap.View, int64, <-chan struct{}) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.nodes, h.version, h.changed
+	return h.nodes, h.view, h.version, h.changed
 }
 
 // record returns the stored record of name.
@@ -99,12 +104,12 @@ func (h *hub) record(name string) (record, bool) {
 
 // netmapFor computes the netmap of node self from a snapshot. It returns
 // false if self is not a node.
-func (h *hub) netmapFor(self string, nodes []api.Node, version int64) (api.NetMap, bool) {
+func (h *hub) netmapFor(self string, nodes []api.Node, view *netmap.View, version int64) (api.NetMap, bool) {
 	i, found := slices.BinarySearchFunc(nodes, self, func(n api.Node, s string) int { return strings.Compare(n.Name, s) })
 	if !found {
 		return api.NetMap{}, false
 	}
-	peers := netmap.Compute(self, nodes, h.policy)
+	peers := view.Peers(self)
 	if peers == nil {
 		peers = []api.Peer{}
 	}
@@ -127,11 +132,15 @@ func (h *hub) connected(name string, now time.Time) func() {
 		h.streams[name] = s
 	}
 	s.count++
+	if s.count == 1 {
+		h.publishLocked() // readiness feeds relay choice
+	}
 	return func() {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		if s.count--; s.count == 0 {
 			delete(h.streams, name)
+			h.publishLocked()
 		}
 	}
 }
@@ -140,12 +149,15 @@ func (h *hub) connected(name string, now time.Time) func() {
 func (h *hub) nodesWithStatus() []api.Node {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	out := make([]api.Node, len(h.nodes))
-	for i, n := range h.nodes {
-		n.Ready = h.streams[n.Name] != nil
-		out[i] = n
-	}
-	return out
+	return slices.Clone(h.nodes)
+}
+
+// paths returns how every pair of nodes reaches each other.
+func (h *hub) paths() []api.Path {
+	h.mu.Lock()
+	v := h.view
+	h.mu.Unlock()
+	return v.Paths()
 }
 
 // sameMap reports whether two netmaps differ only in version.

@@ -341,3 +341,29 @@ func (r *registry) reclaimOrphans(ctx context.Context, grace time.Duration) (int
 	}
 	return n, nil
 }
+
+// update applies fn to the record of name with compare-and-swap retries;
+// fn reports whether it changed anything (nothing is written otherwise).
+func (r *registry) update(ctx context.Context, name string, fn func(*record) bool) (bool, error) {
+	for range maxCASRetries {
+		rec, rev, err := r.get(ctx, name)
+		if err != nil {
+			return false, err
+		}
+		if !fn(rec) {
+			return false, nil
+		}
+		rec.UpdatedAt = r.now().UTC()
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return false, err
+		}
+		if _, err := r.kv.Update(ctx, nodeKey(name), b, rev); errors.Is(err, store.ErrConflict) {
+			continue
+		} else if err != nil {
+			return false, fmt.Errorf("update node %q: %w", name, err)
+		}
+		return true, nil
+	}
+	return false, fmt.Errorf("update node %q: too many concurrent changes, try again", name)
+}

@@ -1,0 +1,172 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+)
+
+const (
+	// reportInterval is how often the agent checks its addresses and its
+	// peers' handshakes; a report is sent only when something changed.
+	reportInterval = time.Second
+	// handshakeGrace is how long a new peer may go without a handshake
+	// before it is reported failing. WireGuard retries a handshake every
+	// 5 s, so this allows three tries.
+	handshakeGrace = 16 * time.Second
+	// handshakeValid is how old the last handshake may be while the
+	// session is alive: WireGuard rekeys after 120 s and rejects sessions
+	// older than 180 s.
+	handshakeValid = 180 * time.Second
+)
+
+func handshakeFresh(last, now time.Time) bool {
+	return !last.IsZero() && now.Sub(last) < handshakeValid
+}
+
+// addrSet is the node's own addresses as last detected.
+type addrSet struct {
+	internal []netip.Addr
+	networks []netip.Prefix
+}
+
+func (s addrSet) equal(o addrSet) bool {
+	return slices.Equal(s.internal, o.internal) && slices.Equal(s.networks, o.networks)
+}
+
+// detectAddrs returns the node's internal addresses: --node-ip if given,
+// else the source address of the default route of each family; and the
+// subnets they are on.
+func (a *Agent) detectAddrs() addrSet {
+	var s addrSet
+	s.internal = slices.Clone(a.cfg.NodeIPs)
+	if len(s.internal) == 0 {
+		for _, v6 := range []bool{false, true} {
+			if ip, ok := defaultAddr(v6); ok {
+				s.internal = append(s.internal, ip)
+			}
+		}
+	}
+	nets, err := networksOf(s.internal)
+	if err != nil {
+		a.log.Debug("cannot tell which networks the node is on", "err", err)
+	}
+	s.networks = nets
+	return s
+}
+
+func (a *Agent) currentAddrs() addrSet {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.addrs
+}
+
+// observations turns the device's view of its peers into what the server
+// needs: where each peer's packets come from and whether the direct path
+// completes handshakes.
+func (a *Agent) observations(now time.Time) []api.Observation {
+	if a.dev == nil {
+		return nil
+	}
+	st, err := a.dev.Status()
+	if err != nil {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]api.Observation, 0, len(st))
+	for _, p := range st {
+		ps := a.peers[api.Key(p.PublicKey)]
+		if ps == nil {
+			continue
+		}
+		o := api.Observation{Peer: ps.name, Endpoint: p.Endpoint}
+		switch {
+		case handshakeFresh(p.LastHandshake, now):
+			o.Handshake = api.HandshakeOK
+		case now.Sub(ps.since) > handshakeGrace && (p.Endpoint.IsValid() || ps.desired.IsValid()):
+			o.Handshake = api.HandshakeFailing
+		}
+		out = append(out, o)
+	}
+	slices.SortFunc(out, func(x, y api.Observation) int {
+		switch {
+		case x.Peer < y.Peer:
+			return -1
+		case x.Peer > y.Peer:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// reportLoop notices changes of the node's addresses and of its peers'
+// handshakes and tells the server, so that a new public IP or a NAT
+// mapping reaches every peer within seconds, without a restart.
+func (a *Agent) reportLoop(ctx context.Context) {
+	t := time.NewTicker(reportInterval)
+	defer t.Stop()
+	var last []byte
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		addrs := a.detectAddrs()
+		a.mu.Lock()
+		prev := a.addrs
+		a.addrs = addrs
+		c := a.client
+		a.mu.Unlock()
+		if !addrs.equal(prev) {
+			a.log.Info("node addresses changed; telling the server", "from", prev.internal, "to", addrs.internal)
+			select {
+			case a.kick <- struct{}{}:
+			default:
+			}
+		}
+		rep := api.Report{
+			InternalIPs:  addrs.internal,
+			Networks:     addrs.networks,
+			ExternalIPs:  a.cfg.ExternalIPs,
+			Observations: a.observations(time.Now()),
+		}
+		body, err := json.Marshal(rep)
+		if err != nil || bytes.Equal(body, last) || c == nil {
+			continue
+		}
+		if err := c.report(ctx, body); err != nil {
+			a.log.Debug("report failed; will retry", "err", err)
+			continue
+		}
+		last = body
+	}
+}
+
+func (c *apiClient) report(ctx context.Context, body []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+api.PathReport, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("report: %w", decodeError(resp))
+	}
+	return nil
+}
