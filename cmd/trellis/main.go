@@ -28,6 +28,7 @@ Usage:
   trellis server [flags]          run a server (and its own node unless --disable-agent)
   trellis agent --server URL --token TOKEN [flags]
   trellis nodes [-o table|json]   list nodes (reads the admin config)
+  trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
   trellis version
 
@@ -62,6 +63,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runAgent(ctx, args[1:], stderr, getenv)
 	case "nodes":
 		return runNodes(ctx, args[1:], stdout, stderr, getenv)
+	case "paths":
+		return runPaths(ctx, args[1:], stdout, stderr, getenv)
 	case "node":
 		if len(args) < 2 || args[1] != "delete" {
 			return errors.New("usage: trellis node delete NAME")
@@ -362,4 +365,26 @@ func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer,
 		fmt.Fprintf(stdout, "node %s deleted\n", name)
 	}
 	return nil
+}
+
+func runPaths(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("paths", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	adminConfig := adminFlags(fs)
+	output := fs.String("o", "table", "output format: table or json")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := settle(fs, getenv, nil); err != nil {
+		return err
+	}
+	c, err := cli.Load(*adminConfig)
+	if err != nil {
+		return err
+	}
+	paths, err := c.Paths(ctx)
+	if err != nil {
+		return err
+	}
+	return cli.PrintPaths(stdout, paths, *output)
 }

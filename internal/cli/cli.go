@@ -194,3 +194,35 @@ func Age(d time.Duration) string {
 	}
 	return fmt.Sprintf("%dd", int(d.Hours()/24))
 }
+
+// Paths lists how every node reaches every other.
+func (c *Client) Paths(ctx context.Context) ([]api.Path, error) {
+	var paths []api.Path
+	err := c.do(ctx, http.MethodGet, api.PathPaths, &paths)
+	return paths, err
+}
+
+// PrintPaths writes paths as a table or JSON.
+func PrintPaths(w io.Writer, paths []api.Path, format string) error {
+	switch format {
+	case "json":
+		if paths == nil {
+			paths = []api.Path{}
+		}
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(paths)
+	case "", "table":
+		tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
+		fmt.Fprintln(tw, "FROM\tTO\tPATH\tVIA\tENDPOINT\tREASON")
+		for _, p := range paths {
+			ep := "<none>"
+			if p.Endpoint.IsValid() {
+				ep = p.Endpoint.String()
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.From, p.To, p.Kind, orNone(p.Via), ep, p.Reason)
+		}
+		return tw.Flush()
+	}
+	return fmt.Errorf("unknown output format %q: use table or json", format)
+}

@@ -242,7 +242,8 @@ func (v *View) direct(a, b *api.Node) (bool, string) {
 }
 
 // Endpoint chooses where from sends WireGuard packets for to:
-//   - with --flannel-external-ip, to's external IP;
+//   - with --flannel-external-ip, to's external IP (a node without one
+//     is reached as below);
 //   - on a shared network, to's internal IP;
 //   - otherwise its external IP, else its internal IP when that is the
 //     address it talks to the server from (a public address on its
@@ -281,6 +282,10 @@ func (v *View) Endpoint(from, to *api.Node) netip.AddrPort {
 	}
 	obs := func() netip.AddrPort { return observed }
 	switch {
+	case v.policy.ForceExternal && SameNetwork(from, to):
+		// Without an external IP, a node on the same network is reached
+		// inside it: its NAT rarely hairpins.
+		order = append(order, ext, internal, obs)
 	case v.policy.ForceExternal:
 		order = append(order, ext, public, obs)
 	case SameNetwork(from, to):
