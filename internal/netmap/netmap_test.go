@@ -3,6 +3,7 @@ package netmap
 import (
 	"net/netip"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/trellis-mesh/trellis/internal/api"
@@ -165,5 +166,133 @@ func BenchmarkCompute1000(b *testing.B) {
 	p := Policy{ClusterCIDRs: prefixes("10.0.0.0/8")}
 	for b.Loop() {
 		Compute(nodes[0].Name, nodes, p)
+	}
+}
+
+// natNode is a node behind NAT: a private address, seen by the server from
+// the NAT's public address.
+func natNode(name string, k byte, internal, network, natIP, pod string) api.Node {
+	n := node(name, k, internal, network, "", pod)
+	n.ObservedIP = netip.MustParseAddr(natIP)
+	return n
+}
+
+func peerByName(peers []api.Peer, name string) (api.Peer, bool) {
+	for _, p := range peers {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return api.Peer{}, false
+}
+
+func TestRelayForNATPairs(t *testing.T) {
+	srv := node("srv", 1, "198.51.100.10", "198.51.100.0/24", "", "10.42.0.0/24")
+	srv.Roles = []string{api.RoleServer}
+	srv.Ready = true
+	ra := node("ra", 2, "10.2.0.20", "10.2.0.0/24", "203.0.113.20", "10.42.1.0/24")
+	ra.Relay, ra.Ready = true, true
+	h1 := natNode("h1", 3, "192.168.1.10", "192.168.1.0/24", "198.18.0.50", "10.42.2.0/24")
+	h2 := natNode("h2", 4, "192.168.2.10", "192.168.2.0/24", "198.18.1.60", "10.42.3.0/24")
+	nodes := []api.Node{h1, h2, ra, srv}
+	p := Policy{ClusterCIDRs: cluster, Keepalive: 25}
+
+	v := NewView(nodes, p)
+	// No one knows where h1 and h2 are: relayed through the first ready
+	// relay by name (ra < srv).
+	path := v.Path("h1", "h2")
+	if path.Kind != api.PathRelayed || path.Via != "ra" || path.Reason == "" {
+		t.Fatalf("h1→h2 = %+v, want relayed via ra with a reason", path)
+	}
+	if back := v.Path("h2", "h1"); back.Kind != path.Kind || back.Via != path.Via {
+		t.Fatalf("path not symmetric: %+v vs %+v", path, back)
+	}
+	peers := v.Peers("h1")
+	h2p, _ := peerByName(peers, "h2")
+	if len(h2p.AllowedIPs) != 0 || h2p.Via != "ra" {
+		t.Fatalf("h1's entry for h2 = %+v, want a probe (no allowed IPs) via ra", h2p)
+	}
+	rap, _ := peerByName(peers, "ra")
+	if want := prefixes("10.42.1.0/24", "10.42.3.0/24"); !reflect.DeepEqual(rap.AllowedIPs, want) {
+		t.Fatalf("h1's entry for ra allows %v, want %v (its own and h2's pods)", rap.AllowedIPs, want)
+	}
+	// The relay itself has both directly.
+	for _, name := range []string{"h1", "h2"} {
+		if got := v.Path("ra", name); got.Kind != api.PathDirect {
+			t.Errorf("ra→%s = %+v, want direct", name, got)
+		}
+	}
+	// NAT to a public node: direct, at its public address on the interface.
+	if got := v.Path("h1", "srv"); got.Kind != api.PathDirect || got.Endpoint.String() != "198.51.100.10:51820" {
+		t.Errorf("h1→srv = %+v", got)
+	}
+	// A public node does not send to a NATed node's private address.
+	if ep := v.Endpoint(&srv, &h1); ep.IsValid() {
+		t.Errorf("srv's endpoint for h1 = %v, want none until a NAT mapping is observed", ep)
+	}
+
+	// The relay goes away: the next one takes over.
+	ra.Ready = false
+	v = NewView([]api.Node{h1, h2, ra, srv}, p)
+	if path := v.Path("h1", "h2"); path.Via != "srv" {
+		t.Fatalf("with ra down, h1→h2 = %+v, want via srv", path)
+	}
+	// No relay at all: no path, and it says why.
+	srv.Ready = false
+	v = NewView([]api.Node{h1, h2, ra, srv}, p)
+	if path := v.Path("h1", "h2"); path.Kind != api.PathNone || !strings.Contains(path.Reason, "no relay") {
+		t.Fatalf("with no relay, h1→h2 = %+v", path)
+	}
+}
+
+func TestObservationsDriveDirectAndRelay(t *testing.T) {
+	srv := node("srv", 1, "198.51.100.10", "198.51.100.0/24", "", "10.42.0.0/24")
+	srv.Roles, srv.Ready = []string{api.RoleServer}, true
+	h1 := natNode("h1", 3, "192.168.1.10", "192.168.1.0/24", "198.18.0.50", "10.42.2.0/24")
+	h2 := natNode("h2", 4, "192.168.2.10", "192.168.2.0/24", "198.18.1.60", "10.42.3.0/24")
+	// The server sees both homes' NAT mappings (a UDP reflection through
+	// WireGuard).
+	srv.Observations = []api.Observation{
+		{Peer: "h1", Endpoint: netip.MustParseAddrPort("198.18.0.50:51820"), Handshake: api.HandshakeOK},
+		{Peer: "h2", Endpoint: netip.MustParseAddrPort("198.18.1.60:40000"), Handshake: api.HandshakeOK},
+	}
+	p := Policy{ClusterCIDRs: cluster}
+	v := NewView([]api.Node{h1, h2, srv}, p)
+	if ep := v.Endpoint(&srv, &h2); ep.String() != "198.18.1.60:40000" {
+		t.Fatalf("endpoint of h2 = %v, want its observed NAT mapping", ep)
+	}
+	// Mappings known: try direct (hole punching) first.
+	if path := v.Path("h1", "h2"); path.Kind != api.PathDirect {
+		t.Fatalf("h1→h2 with known mappings = %+v, want direct first", path)
+	}
+	// Hole punching failed: relay, and say why.
+	h1.Observations = []api.Observation{{Peer: "h2", Handshake: api.HandshakeFailing}}
+	v = NewView([]api.Node{h1, h2, srv}, p)
+	if path := v.Path("h1", "h2"); path.Kind != api.PathRelayed || path.Via != "srv" || !strings.Contains(path.Reason, "failed") {
+		t.Fatalf("h1→h2 after a failed handshake = %+v", path)
+	}
+	// The probe later completes a handshake: back to direct.
+	h2.Observations = []api.Observation{{Peer: "h1", Handshake: api.HandshakeOK}}
+	v = NewView([]api.Node{h1, h2, srv}, p)
+	if path := v.Path("h1", "h2"); path.Kind != api.PathDirect {
+		t.Fatalf("h1→h2 after the probe worked = %+v, want direct", path)
+	}
+	// Hostile observation: a loopback endpoint is never used.
+	srv.Observations = []api.Observation{{Peer: "h1", Endpoint: netip.MustParseAddrPort("127.0.0.1:51820"), Handshake: api.HandshakeOK}}
+	v = NewView([]api.Node{h1, h2, srv}, p)
+	if ep := v.Endpoint(&srv, &h1); ep.IsValid() {
+		t.Fatalf("loopback observation used as endpoint %v", ep)
+	}
+}
+
+func TestSameNATUsesInternalAddresses(t *testing.T) {
+	a := natNode("a", 1, "192.168.1.10", "192.168.1.0/24", "198.18.0.50", "10.42.0.0/24")
+	b := natNode("b", 2, "192.168.1.11", "192.168.1.0/24", "198.18.0.50", "10.42.1.0/24")
+	b.ListenPort = 51821
+	for _, force := range []bool{false, true} {
+		v := NewView([]api.Node{a, b}, Policy{ClusterCIDRs: cluster, ForceExternal: force})
+		if ep := v.Endpoint(&a, &b); ep.String() != "192.168.1.11:51821" {
+			t.Errorf("force=%v: a's endpoint for b = %v, want its LAN address and its own port", force, ep)
+		}
 	}
 }
