@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -101,6 +103,7 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 	h2 := lab.Home("home2", "198.18.1.60/24", "192.168.2.10/24")
 	symmetricNAT(t, lab, "home2")
 
+	rbConfig := lab.TempDir("rb-config") + "/config.yaml"
 	srv := c.startServer(srvNode)
 	// Relays sort before the server ("ra" < "rb" < "srv"), so ra is the
 	// first choice and rb the next.
@@ -225,10 +228,15 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 		rbNode.MustExec("ip", "addr", "del", "192.0.2.30/24", "dev", "eth0")
 		rbNode.MustExec("ip", "addr", "add", "192.0.2.31/24", "dev", "eth0")
 		rbNode.MustExec("ip", "route", "replace", "default", "via", "192.0.2.1")
-		rb.proc = rbNode.Start(c.bin, "agent",
+		// This time --node-external-ip comes from a config file, so that
+		// the next step can change it with SIGHUP.
+		if err := os.WriteFile(rbConfig, []byte("node-external-ip: 192.0.2.31\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		rb.proc = rbNode.Start(c.bin, "agent", "--config", rbConfig,
 			"--server", "https://"+netip.AddrPortFrom(c.server.PublicIP, 6443).String(),
 			"--token", c.token, "--data-dir", rb.dataDir, "--node-name", "rb", "--cni-conf-dir", rb.cniDir,
-			"--node-ip", rbNode.LANIP.String(), "--node-external-ip", "192.0.2.31", "--relay")
+			"--node-ip", rbNode.LANIP.String(), "--relay")
 		live := []*member{srv, rb, dyn, home1, home1b, home2}
 		c.checkPods("after rb's restart with a new --node-external-ip", live, live, 60*time.Second)
 		// Every live node has exactly the other live nodes (and the stopped
@@ -255,6 +263,39 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 			}
 			return nil
 		})
+	})
+
+	t.Run("6-sighup-reloads-node-external-ip", func(t *testing.T) {
+		pid := rb.proc.Pid()
+		rbNode.MustExec("ip", "addr", "del", "192.0.2.31/24", "dev", "eth0")
+		rbNode.MustExec("ip", "addr", "add", "192.0.2.32/24", "dev", "eth0")
+		rbNode.MustExec("ip", "route", "replace", "default", "via", "192.0.2.1")
+		if err := os.WriteFile(rbConfig, []byte("node-external-ip: 192.0.2.32\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		WaitFor(t, 15*time.Second, "the server to send to rb's reloaded address", func() error {
+			dev, err := srv.wgShow()
+			if err != nil {
+				return err
+			}
+			for _, p := range dev.Peers {
+				if strings.HasPrefix(p.Endpoint, "192.0.2.32:") {
+					return nil
+				}
+			}
+			return fmt.Errorf("no peer at 192.0.2.32")
+		})
+		if err := Poll(30*time.Second, func() error { return srv.pod.Ping(rb.pod.IP) }); err != nil {
+			t.Fatalf("server pod → rb pod after SIGHUP: %v", err)
+		}
+		t.Logf("measured: SIGHUP with a new --node-external-ip → traffic in %.2fs, no restart", time.Since(start).Seconds())
+		if rb.proc.Pid() != pid || rb.proc.Err() != nil {
+			t.Fatalf("rb restarted or died: %v", rb.proc.Err())
+		}
 	})
 
 	if n := inet.MustCount("cluster"); n != 0 {

@@ -98,6 +98,7 @@ type nodeFlags struct {
 	logLevel       string
 	logFormat      string
 	relay          bool
+	serverURL      *string // agent only
 }
 
 func (n *nodeFlags) register(fs *flag.FlagSet) {
@@ -203,27 +204,35 @@ func (n *nodeFlags) readToken() (string, error) {
 	return strings.TrimSpace(string(b)), nil
 }
 
-func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+// serverFlags are the flags of 'trellis server' beyond the node flags.
+type serverFlags struct {
+	tlsSANs         listFlag
+	clusterCIDRs    listFlag
+	port            int
+	bind            string
+	disableAgent    bool
+	flannelExternal bool
+	datastore       string
+}
+
+func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	var n nodeFlags
+	var sf serverFlags
 	n.register(fs)
-	var (
-		tlsSANs         listFlag
-		clusterCIDRs    listFlag
-		port            int
-		bind            string
-		disableAgent    bool
-		flannelExternal bool
-		datastore       string
-	)
-	fs.Var(&tlsSANs, "tls-san", "extra host name or IP for the serving certificate (repeatable)")
-	fs.Var(&clusterCIDRs, "cluster-cidr", "pod address range(s) (default 10.42.0.0/16)")
-	fs.IntVar(&port, "https-listen-port", 6443, "HTTPS API port")
-	fs.StringVar(&bind, "bind-address", "", "address the HTTPS API listens on (default: all)")
-	fs.BoolVar(&disableAgent, "disable-agent", false, "do not run the node role on this server")
-	fs.BoolVar(&flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
-	fs.StringVar(&datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
+	fs.Var(&sf.tlsSANs, "tls-san", "extra host name or IP for the serving certificate (repeatable)")
+	fs.Var(&sf.clusterCIDRs, "cluster-cidr", "pod address range(s) (default 10.42.0.0/16)")
+	fs.IntVar(&sf.port, "https-listen-port", 6443, "HTTPS API port")
+	fs.StringVar(&sf.bind, "bind-address", "", "address the HTTPS API listens on (default: all)")
+	fs.BoolVar(&sf.disableAgent, "disable-agent", false, "do not run the node role on this server")
+	fs.BoolVar(&sf.flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
+	fs.StringVar(&sf.datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
+	return fs, &n, &sf
+}
+
+func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
+	fs, n, sf := newServerFlags()
+	fs.SetOutput(stderr)
 	if err := parse(fs, args, getenv, &n.config); err != nil {
 		return err
 	}
@@ -235,7 +244,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	if err != nil {
 		return err
 	}
-	cidrs, err := parsePrefixes("cluster-cidr", clusterCIDRs)
+	cidrs, err := parsePrefixes("cluster-cidr", sf.clusterCIDRs)
 	if err != nil {
 		return err
 	}
@@ -244,12 +253,12 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		return err
 	}
 	sc := server.Config{
-		DataDir: n.dataDir, NodeName: ac.NodeName, Port: port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
-		TLSSANs: tlsSANs, ClusterCIDRs: cidrs, ForceExternal: flannelExternal, Token: tok,
-		DatastoreEndpoint: datastore, Logger: log,
+		DataDir: n.dataDir, NodeName: ac.NodeName, Port: sf.port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
+		TLSSANs: sf.tlsSANs, ClusterCIDRs: cidrs, ForceExternal: sf.flannelExternal, Token: tok,
+		DatastoreEndpoint: sf.datastore, Logger: log,
 	}
-	if bind != "" {
-		if sc.BindAddress, err = parseAddr("bind-address", bind); err != nil {
+	if sf.bind != "" {
+		if sc.BindAddress, err = parseAddr("bind-address", sf.bind); err != nil {
 			return err
 		}
 	}
@@ -258,11 +267,13 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		return err
 	}
 	defer srv.Close()
-	if disableAgent {
+	if sf.disableAgent {
 		<-ctx.Done()
 		return nil
 	}
 	ac.ServerURL, ac.Token = srv.URL(), srv.Token()
+	build := func() (*flag.FlagSet, *nodeFlags) { fs, n, _ := newServerFlags(); return fs, n }
+	ac.Reload = watchReload(ctx, log, rereadExternalIPs(build, args, getenv))
 	err = agent.Run(ctx, ac)
 	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("server's own node: %w", err)
@@ -280,12 +291,15 @@ func parseAddr(flagName, v string) (a netip.Addr, err error) {
 }
 
 func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
-	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+	build := func() (*flag.FlagSet, *nodeFlags) {
+		fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+		var n nodeFlags
+		n.register(fs)
+		n.serverURL = fs.String("server", "", "server URL, e.g. https://198.51.100.10:6443 (TRELLIS_URL)")
+		return fs, &n
+	}
+	fs, n := build()
 	fs.SetOutput(stderr)
-	var n nodeFlags
-	n.register(fs)
-	var serverURL string
-	fs.StringVar(&serverURL, "server", "", "server URL, e.g. https://198.51.100.10:6443 (TRELLIS_URL)")
 	if err := parse(fs, args, getenv, &n.config); err != nil {
 		return err
 	}
@@ -300,7 +314,8 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if ac.Token, err = n.readToken(); err != nil {
 		return err
 	}
-	ac.ServerURL = strings.TrimSuffix(serverURL, "/")
+	ac.ServerURL = strings.TrimSuffix(*n.serverURL, "/")
+	ac.Reload = watchReload(ctx, log, rereadExternalIPs(build, args, getenv))
 	err = agent.Run(ctx, ac)
 	if errors.Is(err, agent.ErrDeleted) {
 		<-ctx.Done() // stay down (a restart would re-join) until stopped

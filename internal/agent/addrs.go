@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 )
@@ -63,4 +64,22 @@ func linkMTUOf(a netip.Addr) (int, bool) {
 		return link.Attrs().MTU, true
 	}
 	return 0, false
+}
+
+// localAddrs returns the global unicast addresses on the host's
+// interfaces, sorted.
+func localAddrs() []netip.Addr {
+	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, la := range list {
+		ip, ok := netip.AddrFromSlice(la.IP)
+		if ok && ip.Unmap().IsGlobalUnicast() {
+			out = append(out, ip.Unmap())
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
+	return slices.Compact(out)
 }

@@ -38,11 +38,12 @@ type Agent struct {
 
 	lastVersion int64 // only touched by the netmap stream's goroutine
 
-	mu     sync.Mutex
-	client *apiClient             // guarded by mu; the joined client, nil before
-	peers  map[api.Key]*peerState // guarded by mu; peers of the last netmap
-	addrs  addrSet                // guarded by mu; the node's current addresses
-	kick   chan struct{}          // restarts the netmap stream (addresses changed)
+	mu       sync.Mutex
+	client   *apiClient             // guarded by mu; the joined client, nil before
+	peers    map[api.Key]*peerState // guarded by mu; peers of the last netmap
+	addrs    addrSet                // guarded by mu; the node's current addresses
+	external []netip.Addr           // guarded by mu; --node-external-ip, reloadable
+	kick     chan struct{}          // restarts the netmap stream (addresses changed)
 }
 
 // peerState is what the agent remembers of a peer between netmaps.
@@ -79,6 +80,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	a.addrs = a.detectAddrs()
+	a.external = a.cfg.ExternalIPs
 	if len(a.addrs.internal) == 0 {
 		a.log.Warn("no default route, so no node IP could be detected; set --node-ip")
 	}
@@ -114,6 +116,12 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 	}
+}
+
+func (a *Agent) externalIPs() []netip.Addr {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.external
 }
 
 func (a *Agent) close() {
@@ -209,7 +217,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		CSR:          csrPEM,
 		InternalIPs:  addrs.internal,
 		Networks:     addrs.networks,
-		ExternalIPs:  a.cfg.ExternalIPs,
+		ExternalIPs:  a.externalIPs(),
 		Relay:        a.cfg.Relay,
 	}
 	if a.cfg.DataPlane {

@@ -45,6 +45,10 @@ type Config struct {
 	// Relay offers this node as a relay for nodes that cannot reach each
 	// other directly (it needs a reachable address).
 	Relay bool
+	// Reload, if set, delivers new values of the settings that change
+	// without a restart (SIGHUP: flags, environment and config file read
+	// again).
+	Reload <-chan Reload
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -98,6 +102,12 @@ func (c *Config) Validate() error {
 		c.Logger = slog.Default()
 	}
 	return nil
+}
+
+// Reload holds the settings an agent takes without a restart.
+type Reload struct {
+	// ExternalIPs replaces Config.ExternalIPs (--node-external-ip).
+	ExternalIPs []netip.Addr
 }
 
 func (c *Config) dir(parts ...string) string {

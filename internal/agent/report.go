@@ -35,6 +35,9 @@ func handshakeFresh(last, now time.Time) bool {
 type addrSet struct {
 	internal []netip.Addr
 	networks []netip.Prefix
+	// local is every address on the host's interfaces: when one goes,
+	// connections bound to it are dead even if the node IPs are pinned.
+	local []netip.Addr
 }
 
 func (s addrSet) equal(o addrSet) bool {
@@ -59,6 +62,7 @@ func (a *Agent) detectAddrs() addrSet {
 		a.log.Debug("cannot tell which networks the node is on", "err", err)
 	}
 	s.networks = nets
+	s.local = localAddrs()
 	return s
 }
 
@@ -120,15 +124,30 @@ func (a *Agent) reportLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case r := <-a.cfg.Reload:
+			a.mu.Lock()
+			if !slices.Equal(a.external, r.ExternalIPs) {
+				a.log.Info("external IPs changed by reload; telling the server", "from", a.external, "to", r.ExternalIPs)
+				a.external = r.ExternalIPs
+			}
+			a.mu.Unlock()
 		}
 		addrs := a.detectAddrs()
 		a.mu.Lock()
 		prev := a.addrs
 		a.addrs = addrs
 		c := a.client
+		external := a.external
 		a.mu.Unlock()
 		if !addrs.equal(prev) {
 			a.log.Info("node addresses changed; telling the server", "from", prev.internal, "to", addrs.internal)
+		}
+		if !slices.Equal(addrs.local, prev.local) {
+			// Connections to the server may be bound to an address that
+			// is gone: start them afresh rather than wait for timeouts.
+			if c != nil {
+				c.close()
+			}
 			select {
 			case a.kick <- struct{}{}:
 			default:
@@ -137,7 +156,7 @@ func (a *Agent) reportLoop(ctx context.Context) {
 		rep := api.Report{
 			InternalIPs:  addrs.internal,
 			Networks:     addrs.networks,
-			ExternalIPs:  a.cfg.ExternalIPs,
+			ExternalIPs:  external,
 			Observations: a.observations(time.Now()),
 		}
 		body, err := json.Marshal(rep)
@@ -146,6 +165,7 @@ func (a *Agent) reportLoop(ctx context.Context) {
 		}
 		if err := c.report(ctx, body); err != nil {
 			a.log.Debug("report failed; will retry", "err", err)
+			c.close() // the next try dials afresh
 			continue
 		}
 		last = body
@@ -153,7 +173,7 @@ func (a *Agent) reportLoop(ctx context.Context) {
 }
 
 func (c *apiClient) report(ctx context.Context, body []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+api.PathReport, bytes.NewReader(body))
 	if err != nil {
