@@ -44,10 +44,16 @@ type View struct {
 	byName map[string]*api.Node
 	// obs[a][b] is what a reported about b.
 	obs map[string]map[string]api.Observation
-	// observed[b] is b's endpoint as a node with a working handshake sees
-	// it: for a node behind NAT, its NAT mapping.
-	observed map[string]netip.AddrPort
+	// observed[{b, v6}] is b's endpoint of that family as a node with a
+	// working handshake sees it: for a node behind NAT, its NAT mapping.
+	observed map[observedKey]netip.AddrPort
 	relays   []*api.Node // sorted by name
+}
+
+// observedKey names a node's observed endpoint of one address family.
+type observedKey struct {
+	node string
+	v6   bool
 }
 
 // NewView indexes nodes for the policy. nodes is not modified or kept
@@ -58,7 +64,7 @@ func NewView(nodes []api.Node, p Policy) *View {
 		nodes:    nodes,
 		byName:   make(map[string]*api.Node, len(nodes)),
 		obs:      make(map[string]map[string]api.Observation, len(nodes)),
-		observed: map[string]netip.AddrPort{},
+		observed: map[observedKey]netip.AddrPort{},
 	}
 	for i := range nodes {
 		n := &nodes[i]
@@ -81,8 +87,12 @@ func NewView(nodes []api.Node, p Policy) *View {
 		m := make(map[string]api.Observation, len(n.Observations))
 		for _, o := range n.Observations {
 			m[o.Peer] = o
-			if _, have := v.observed[o.Peer]; !have && o.Handshake == api.HandshakeOK && o.Endpoint.IsValid() && ValidEndpoint(o.Endpoint.Addr()) {
-				v.observed[o.Peer] = o.Endpoint
+			if o.Handshake != api.HandshakeOK || !o.Endpoint.IsValid() || !ValidEndpoint(o.Endpoint.Addr()) {
+				continue
+			}
+			k := observedKey{node: o.Peer, v6: is6(o.Endpoint.Addr())}
+			if _, have := v.observed[k]; !have {
+				v.observed[k] = o.Endpoint
 			}
 		}
 		v.obs[name] = m
@@ -241,7 +251,8 @@ func (v *View) direct(a, b *api.Node) (bool, string) {
 	return false, "neither node has an address the other can reach (both behind NAT)"
 }
 
-// Endpoint chooses where from sends WireGuard packets for to:
+// Endpoint chooses where from sends WireGuard packets for to. In each
+// address family that from can send from, the candidate is:
 //   - with --flannel-external-ip, to's external IP (a node without one
 //     is reached as below);
 //   - on a shared network, to's internal IP;
@@ -249,38 +260,64 @@ func (v *View) direct(a, b *api.Node) (bool, string) {
 //     address it talks to the server from (a public address on its
 //     interface), else the NAT mapping a peer observed.
 //
-// The address family must be one from can use. The zero AddrPort means no
+// When both families have a candidate, the pair uses IPv4 unless its
+// observations say otherwise (see preferIPv6). The zero AddrPort means no
 // usable address is known: to must reach from first.
 func (v *View) Endpoint(from, to *api.Node) netip.AddrPort {
 	if to.ListenPort == 0 {
 		return netip.AddrPort{}
 	}
-	v4, v6 := families(from)
-	usable := func(a netip.Addr) bool {
-		return ValidEndpoint(a) && ((a.Is4() && v4) || (a.Is6() && v6))
+	can4, can6 := families(from)
+	var e4, e6 netip.AddrPort
+	if can4 {
+		e4 = v.endpointIn(from, to, false)
 	}
+	if can6 {
+		e6 = v.endpointIn(from, to, true)
+	}
+	switch {
+	case !e6.IsValid():
+		return e4
+	case !e4.IsValid():
+		return e6
+	case v.preferIPv6(from, to):
+		return e6
+	}
+	return e4
+}
+
+// endpointIn is Endpoint's candidate in one address family.
+func (v *View) endpointIn(from, to *api.Node, v6 bool) netip.AddrPort {
+	usable := func(a netip.Addr) bool { return ValidEndpoint(a) && is6(a) == v6 }
 	pick := func(addrs []netip.Addr) netip.AddrPort {
 		for _, a := range addrs {
 			if usable(a) {
-				return netip.AddrPortFrom(a, to.ListenPort)
+				return netip.AddrPortFrom(a.Unmap(), to.ListenPort)
 			}
 		}
 		return netip.AddrPort{}
 	}
-	observed := v.observed[to.Name]
+	observed := v.observed[observedKey{node: to.Name, v6: v6}]
 	if !usable(observed.Addr()) {
 		observed = netip.AddrPort{}
 	}
-	var order []func() netip.AddrPort
 	ext := func() netip.AddrPort { return pick(to.ExternalIPs) }
 	internal := func() netip.AddrPort { return pick(to.InternalIPs) }
 	public := func() netip.AddrPort {
-		if !behindNAT(to) {
-			return internal()
+		// A NAT in one family says nothing about the other: a home
+		// behind an IPv4 NAT often has global IPv6 addresses.
+		if behindNAT(to) && is6(to.ObservedIP) == v6 {
+			return netip.AddrPort{}
+		}
+		for _, a := range to.InternalIPs {
+			if usable(a) && mayBePublic(to, a) {
+				return netip.AddrPortFrom(a.Unmap(), to.ListenPort)
+			}
 		}
 		return netip.AddrPort{}
 	}
 	obs := func() netip.AddrPort { return observed }
+	var order []func() netip.AddrPort
 	switch {
 	case v.policy.ForceExternal && SameNetwork(from, to):
 		// Without an external IP, a node on the same network is reached
@@ -300,6 +337,40 @@ func (v *View) Endpoint(from, to *api.Node) netip.AddrPort {
 	}
 	return netip.AddrPort{}
 }
+
+// mayBePublic reports whether internal address a of a node that is not
+// behind NAT in a's family may be reached from other networks. A private
+// address (RFC 1918, IPv6 ULA) is not when the server sees the node at an
+// address of the other family: on an IPv6-only underlay that says nothing
+// about the node's IPv4 LAN address.
+func mayBePublic(n *api.Node, a netip.Addr) bool {
+	o := n.ObservedIP
+	if !a.Unmap().IsPrivate() || !o.IsValid() || o.IsLoopback() {
+		return true
+	}
+	return is6(o) == is6(a)
+}
+
+// preferIPv6 decides the family of a pair that both families connect:
+//   - the family of a working session, when either node reports a
+//     handshake;
+//   - IPv6 when either reports the handshake failing: IPv4 (tried first)
+//     does not get through. A pair whose IPv6 fails too stays on IPv6 and
+//     is relayed, rather than flapping between the families;
+//   - IPv4 otherwise.
+func (v *View) preferIPv6(from, to *api.Node) bool {
+	oft, otf := v.obs[from.Name][to.Name], v.obs[to.Name][from.Name]
+	for _, o := range []api.Observation{oft, otf} {
+		if o.Handshake == api.HandshakeOK && o.Endpoint.IsValid() {
+			return is6(o.Endpoint.Addr())
+		}
+	}
+	return oft.Handshake == api.HandshakeFailing || otf.Handshake == api.HandshakeFailing
+}
+
+// is6 reports whether a is an IPv6 address (IPv4-mapped ones count as
+// IPv4).
+func is6(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }
 
 // behindNAT reports whether n reaches the server from an address that is
 // not its own: its internal addresses are then not reachable from other
