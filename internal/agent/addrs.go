@@ -10,7 +10,11 @@ import (
 )
 
 // defaultAddr returns the source address of the default route of the
-// given family: the address K3s also picks when --node-ip is not set.
+// given family: the address K3s also picks when --node-ip is not set. On an
+// IPv6-only node only the IPv6 lookup succeeds. A link-local source (an
+// interface whose global address is not configured yet, or still in
+// duplicate address detection) is not a node IP: the report loop looks
+// again every second.
 func defaultAddr(v6 bool) (netip.Addr, bool) {
 	dst := net.ParseIP("198.51.100.1") // never contacted: only the route is looked up
 	if v6 {
@@ -21,7 +25,11 @@ func defaultAddr(v6 bool) (netip.Addr, bool) {
 		return netip.Addr{}, false
 	}
 	a, ok := netip.AddrFromSlice(routes[0].Src)
-	return a.Unmap(), ok
+	a = a.Unmap()
+	if !ok || !a.IsGlobalUnicast() || a.Is6() != v6 {
+		return netip.Addr{}, false
+	}
+	return a, true
 }
 
 // networksOf returns the subnets (masked) of the interface addresses that
