@@ -49,3 +49,12 @@ type PeerStatus struct {
 	RxBytes       int64     `json:"rxBytes"`
 	TxBytes       int64     `json:"txBytes"`
 }
+
+// Error codes of the tunnel endpoints.
+const (
+	// ErrCodeTunnelDown: the node has no tunnel to this server.
+	ErrCodeTunnelDown = "tunnel-down"
+	// ErrCodeTunnelRefused: the node refused the port, or nothing listens
+	// on it.
+	ErrCodeTunnelRefused = "tunnel-refused"
+)

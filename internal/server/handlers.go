@@ -40,6 +40,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+api.PathPaths, s.admin(s.handlePaths))
 	mux.HandleFunc("PUT "+api.PathReport, s.handleReport)
 	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
+	s.tunnelRoutes(mux)
 	return mux
 }
 
@@ -309,7 +310,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleListNodes(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, s.hub.nodesWithStatus())
+	writeJSON(w, http.StatusOK, s.withTunnels(s.hub.nodesWithStatus()))
 }
 
 func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {
@@ -324,6 +325,7 @@ func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("node deleted", "node", name, "podCIDRs", joinPrefixes(rec.PodCIDRs))
+	s.forgetTunnel(name)
 	writeJSON(w, http.StatusOK, rec.Node)
 }
 

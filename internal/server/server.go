@@ -25,6 +25,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/store"
 	"github.com/trellis-mesh/trellis/internal/token"
+	"github.com/trellis-mesh/trellis/internal/tunnel"
 )
 
 // Server is a running supervisor. Create it with Start; stop it with
@@ -43,6 +44,9 @@ type Server struct {
 	joins  *rateLimiter
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// tunnels holds the agents' supervisor tunnels (tunnel.go).
+	tunnels *tunnel.Server
 
 	closeOnce sync.Once
 	closeErr  error
@@ -128,6 +132,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 
+	s.tunnels = s.newTunnels()
 	s.http = &http.Server{
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -186,6 +191,7 @@ func (s *Server) Close() error {
 		} else if s.ln != nil {
 			_ = s.ln.Close()
 		}
+		s.closeTunnels() // hijacked: not ended by http.Server.Close
 		s.wg.Wait()
 		if s.store != nil {
 			s.closeErr = s.store.Close()

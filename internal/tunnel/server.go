@@ -42,7 +42,7 @@ type Server struct {
 	closed   bool                 // guarded by mu
 	sessions map[string]*session  // guarded by mu; by node name
 	down     map[string]time.Time // guarded by mu; when a node's last session ended
-	serving  sync.WaitGroup       // ServeHTTP calls holding a session
+	serving  sync.WaitGroup       // ServeHTTP calls holding a session, and Holds
 }
 
 type session struct {
@@ -263,7 +263,21 @@ func (s *Server) Dial(ctx context.Context, node string, port int) (net.Conn, err
 	return st, nil
 }
 
-// Close ends every session and waits for them. It is idempotent.
+// Hold registers a caller that serves a connection from Dial (a proxy)
+// so that Close waits for it; Close ends its stream by ending the
+// sessions. It returns false after Close. Call release when done.
+func (s *Server) Hold() (release func(), ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, false
+	}
+	s.serving.Add(1)
+	return sync.OnceFunc(s.serving.Done), true
+}
+
+// Close ends every session and waits for them and for the holders. It is
+// idempotent.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true

@@ -53,9 +53,9 @@ func abort(c io.ReadWriteCloser) {
 	_ = c.Close()
 }
 
-// halfClose closes the sending half of c where the protocol has one. A
-// yamux stream's Close is such a half close (a FIN; reading goes on). A
-// websocket has none: it stays open until the other direction ends.
+// halfClose closes the sending half of c where the protocol has one: TCP,
+// the websocket of NewConn (an empty message), and a yamux stream, whose
+// Close is such a half close (a FIN; reading goes on).
 func halfClose(c io.ReadWriteCloser) {
 	switch c := c.(type) {
 	case closeWriter:

@@ -578,3 +578,48 @@ func TestClientStopsWhileServerUnreachable(t *testing.T) {
 		t.Errorf("State = %v, %v; want down since the first failure", up, since)
 	}
 }
+
+func TestWebsocketConnHalfClose(t *testing.T) {
+	upgrader := websocket.Upgrader{}
+	serverSide := make(chan net.Conn, 1)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := upgrader.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		serverSide <- NewConn(ws, fastTiming)
+	}))
+	defer hs.Close()
+	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(hs.URL, "http"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := NewConn(ws, fastTiming)
+	defer client.Close()
+	server := <-serverSide
+	defer server.Close()
+
+	// client → server, then the client half-closes; the server still
+	// answers afterwards.
+	if _, err := client.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Write(nil); err != nil { // no message: not an EOF
+		t.Fatal(err)
+	}
+	if err := client.(closeWriter).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(server)
+	if err != nil || string(got) != "request" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	if _, err := server.Write([]byte("response")); err != nil {
+		t.Fatal(err)
+	}
+	server.(closeWriter).CloseWrite()
+	got, err = io.ReadAll(client)
+	if err != nil || string(got) != "response" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+}

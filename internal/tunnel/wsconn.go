@@ -11,7 +11,10 @@ import (
 )
 
 // wsConn is a websocket as a net.Conn: every Write is one binary message;
-// Read runs through messages as one byte stream. It pings the other end
+// Read runs through messages as one byte stream. An empty binary message
+// is the end of the stream (CloseWrite): websockets have no half close of
+// their own, and proxied protocols need one (an HTTP server that closes
+// after its response). It pings the other end
 // and fails reads once nothing (data, ping, pong) has arrived for the
 // timeout.
 type wsConn struct {
@@ -20,6 +23,9 @@ type wsConn struct {
 
 	rmu sync.Mutex // serialises Read
 	r   io.Reader  // guarded by rmu; the current message
+	// fresh is true until the current message has given a byte.
+	fresh bool // guarded by rmu
+	eof   bool // guarded by rmu; the other end closed its sending half
 
 	wmu sync.Mutex // serialises Write (gorilla allows one writer)
 
@@ -67,6 +73,9 @@ func (c *wsConn) Read(p []byte) (int, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	for {
+		if c.eof {
+			return 0, io.EOF
+		}
 		if c.r == nil {
 			typ, r, err := c.ws.NextReader()
 			if err != nil {
@@ -80,10 +89,20 @@ func (c *wsConn) Read(p []byte) (int, error) {
 			if typ != websocket.BinaryMessage {
 				return 0, errors.New("tunnel: websocket sent a text message; want binary")
 			}
-			c.r = r
+			c.r, c.fresh = r, true
+		}
+		if len(p) == 0 {
+			return 0, nil
 		}
 		n, err := c.r.Read(p)
+		if n > 0 {
+			c.fresh = false
+		}
 		if errors.Is(err, io.EOF) {
+			if n == 0 && c.fresh {
+				c.eof = true // an empty message
+				return 0, io.EOF
+			}
 			c.r = nil
 			if n == 0 {
 				continue
@@ -95,12 +114,23 @@ func (c *wsConn) Read(p []byte) (int, error) {
 }
 
 func (c *wsConn) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil // an empty message would end the stream
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// CloseWrite ends the stream this end sends (an empty message); reading
+// goes on.
+func (c *wsConn) CloseWrite() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.ws.WriteMessage(websocket.BinaryMessage, nil)
 }
 
 // Close sends a close message (best effort, bounded), closes the
