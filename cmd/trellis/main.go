@@ -28,6 +28,8 @@ Usage:
   trellis server [flags]          run a server (and its own node unless --disable-agent)
   trellis agent --server URL --token TOKEN [flags]
   trellis nodes [-o table|json]   list nodes (reads the admin config)
+  trellis status NODE [-o table|json]  a node's own view (tunnel, WireGuard peers), through its tunnel
+  trellis proxy NODE PORT [--listen ADDR:PORT]  carry local connections to 127.0.0.1:PORT on NODE
   trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
   trellis version
@@ -61,6 +63,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runServer(ctx, args[1:], stderr, getenv)
 	case "agent":
 		return runAgent(ctx, args[1:], stderr, getenv)
+	case "proxy":
+		return runProxy(ctx, args[1:], stdout, stderr, getenv)
+	case "status":
+		return runStatus(ctx, args[1:], stdout, stderr, getenv)
 	case "nodes":
 		return runNodes(ctx, args[1:], stdout, stderr, getenv)
 	case "paths":
@@ -97,6 +103,7 @@ type nodeFlags struct {
 	wgMTU          int
 	logLevel       string
 	logFormat      string
+	tunnel         tunnelFlags
 	relay          bool
 	serverURL      *string // agent only
 }
@@ -116,6 +123,7 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&n.wgMTU, "wireguard-mtu", 0, "MTU of the WireGuard interface (0: underlay MTU - 80)")
 	fs.StringVar(&n.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&n.logFormat, "log-format", "text", "log format: text or json")
+	n.tunnel.register(fs)
 	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
 }
 
@@ -185,6 +193,9 @@ func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
 		return c, fmt.Errorf("--wireguard-mode: %w", err)
 	}
 	c.WireGuard = mesh.Config{ListenPort: n.wgPort, Mode: mode, MTU: n.wgMTU}
+	if err := n.tunnel.apply(&c); err != nil {
+		return c, err
+	}
 	c.NodeName, c.DataDir, c.CNIConfDir, c.Logger, c.Relay = n.nodeName, n.dataDir, n.cniConfDir, log, n.relay
 	return c, nil
 }

@@ -44,6 +44,8 @@ type Agent struct {
 	addrs    addrSet                // guarded by mu; the node's current addresses
 	external []netip.Addr           // guarded by mu; --node-external-ip, reloadable
 	kick     chan struct{}          // restarts the netmap stream (addresses changed)
+
+	tunnelState tunnelStatus // the tunnel client once it runs (status.go)
 }
 
 // peerState is what the agent remembers of a peer between netmaps.
@@ -90,6 +92,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	stopSupervisor, err := a.startSupervisor(ctx)
+	if err != nil {
+		return err
+	}
+	defer stopSupervisor()
 	rctx, stopReports := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)

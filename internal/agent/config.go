@@ -49,12 +49,22 @@ type Config struct {
 	// without a restart (SIGHUP: flags, environment and config file read
 	// again).
 	Reload <-chan Reload
+	// StatusPort is the 127.0.0.1 TCP port of the agent's status endpoint
+	// (--status-port), always reachable through the tunnel. Default
+	// api.DefaultStatusPort; negative turns the endpoint off.
+	StatusPort int
+	// TunnelAllowPorts are the other 127.0.0.1 ports the server may reach
+	// through the tunnel (--tunnel-allow-port).
+	TunnelAllowPorts []int
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
 }
 
 // Validate fills in defaults and checks the values.
 func (c *Config) Validate() error {
+	if err := c.validateTunnel(); err != nil {
+		return err
+	}
 	if c.ServerURL == "" {
 		return errors.New("no server given: set --server https://<server>:6443 (or TRELLIS_URL)")
 	}

@@ -143,13 +143,13 @@ func PrintNodes(w io.Writer, nodes []api.Node, format string, now time.Time) err
 		return enc.Encode(nodes)
 	case "", "table":
 		tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tROLES\tREADY\tINTERNAL-IP\tEXTERNAL-IP\tPOD-CIDR\tAGE")
+		fmt.Fprintln(tw, "NAME\tROLES\tREADY\tTUNNEL\tINTERNAL-IP\tEXTERNAL-IP\tPOD-CIDR\tAGE")
 		for _, n := range nodes {
 			ready := "False"
 			if n.Ready {
 				ready = "True"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, orNone(strings.Join(n.Roles, ",")), ready,
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, orNone(strings.Join(n.Roles, ",")), ready, TunnelColumn(n.Tunnel, now),
 				orNone(joinAddrs(n.InternalIPs)), orNone(joinAddrs(n.ExternalIPs)), orNone(joinPrefixes(n.PodCIDRs)), Age(now.Sub(n.CreatedAt)))
 		}
 		return tw.Flush()

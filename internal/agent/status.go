@@ -1,0 +1,59 @@
+package agent
+
+import (
+	"encoding/json"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/tunnel"
+)
+
+// tunnelStatus is the tunnel client, set once it runs.
+type tunnelStatus = atomic.Pointer[tunnel.Client]
+
+// statusHandler serves the agent's status (api.NodeStatus) at
+// api.PathStatus.
+func (a *Agent) statusHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+api.PathStatus, func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		_ = json.NewEncoder(w).Encode(a.status(time.Now()))
+	})
+	return mux
+}
+
+// status reports the node's tunnel and data plane.
+func (a *Agent) status(now time.Time) api.NodeStatus {
+	st := api.NodeStatus{Name: a.cfg.NodeName, ServerURL: a.cfg.ServerURL, DataPlane: "none", Peers: []api.PeerStatus{}, Time: now}
+	if tc := a.tunnelState.Load(); tc != nil {
+		st.Tunnel.Connected, st.Tunnel.Since = tc.State()
+	}
+	if a.dev == nil {
+		return st
+	}
+	st.DataPlane, st.Interface, st.MTU, st.ListenPort = a.dev.Kind(), a.dev.Name(), a.dev.MTU(), a.cfg.WireGuard.ListenPort
+	peers, err := a.dev.Status()
+	if err != nil {
+		a.log.Debug("status: reading WireGuard peers failed", "err", err)
+		return st
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, p := range peers {
+		ps := api.PeerStatus{
+			PublicKey:     api.Key(p.PublicKey),
+			Endpoint:      p.Endpoint,
+			LastHandshake: p.LastHandshake,
+			RxBytes:       p.ReceiveBytes,
+			TxBytes:       p.TransmitBytes,
+		}
+		if known := a.peers[ps.PublicKey]; known != nil {
+			ps.Name = known.name
+		}
+		st.Peers = append(st.Peers, ps)
+	}
+	return st
+}
