@@ -32,6 +32,7 @@ Usage:
   trellis proxy NODE PORT [--listen ADDR:PORT]  carry local connections to 127.0.0.1:PORT on NODE
   trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
+  trellis cleanup [--data-dir D]  withdraw the routes this node added to its VPN (--vpn-auth)
   trellis version
 
 Run 'trellis COMMAND -h' for the flags of a command. Every flag can also be
@@ -76,6 +77,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 			return errors.New("usage: trellis node delete NAME")
 		}
 		return runNodeDelete(ctx, args[2:], stdout, stderr, getenv)
+	case "cleanup":
+		return runCleanup(ctx, args[1:], stderr, getenv)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "trellis", version)
 		return nil
@@ -105,6 +108,7 @@ type nodeFlags struct {
 	logFormat      string
 	tunnel         tunnelFlags
 	relay          bool
+	vpn            vpnFlags
 	serverURL      *string // agent only
 }
 
@@ -125,6 +129,7 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&n.logFormat, "log-format", "text", "log format: text or json")
 	n.tunnel.register(fs)
 	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
+	n.vpn.register(fs)
 }
 
 // parse parses args, then settles unset flags from env and config files.
@@ -197,6 +202,9 @@ func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
 		return c, err
 	}
 	c.NodeName, c.DataDir, c.CNIConfDir, c.Logger, c.Relay = n.nodeName, n.dataDir, n.cniConfDir, log, n.relay
+	if err := n.vpn.apply(&c, log); err != nil {
+		return c, err
+	}
 	return c, nil
 }
 
@@ -272,6 +280,9 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		if sc.BindAddress, err = parseAddr("bind-address", sf.bind); err != nil {
 			return err
 		}
+	}
+	if err := startVPN(ctx, &ac, &sc); err != nil {
+		return err
 	}
 	srv, err := server.Start(ctx, sc)
 	if err != nil {

@@ -46,6 +46,9 @@ type Agent struct {
 	kick     chan struct{}          // restarts the netmap stream (addresses changed)
 
 	tunnelState tunnelStatus // the tunnel client once it runs (status.go)
+
+	vpn     *vpnCarrier  // the VPN carrier (--vpn-auth); nil with WireGuard
+	members []api.Member // cluster nodes at the last join (for the VPN carrier)
 }
 
 // peerState is what the agent remembers of a peer between netmaps.
@@ -79,6 +82,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("create agent data dir: %w", err)
 	}
 	if a.id, err = loadOrCreateIdentity(&a.cfg); err != nil {
+		return err
+	}
+	if err := a.vpnUp(ctx); err != nil {
 		return err
 	}
 	a.addrs = a.detectAddrs()
@@ -248,7 +254,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 	if err := pki.WriteFileAtomic(a.cfg.dir("node.key"), keyPEM, 0o600); err != nil {
 		return nil, err
 	}
-	a.self, a.cidrs = jr.Node, jr.ClusterCIDRs
+	a.self, a.cidrs, a.members = jr.Node, jr.ClusterCIDRs, jr.Members
 	a.log.Info("joined the cluster", "server", a.cfg.ServerURL, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
 	if err := a.setupDataPlane(); err != nil {
 		return nil, &permanentError{apiErr: api.Error{Message: err.Error()}}
@@ -265,7 +271,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 // pod CIDRs.
 func (a *Agent) setupDataPlane() error {
 	if !a.cfg.DataPlane {
-		return nil
+		return a.setupVPN()
 	}
 	if a.dev == nil {
 		wc := a.cfg.WireGuard
@@ -357,6 +363,7 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 				if a.dev != nil {
 					_ = a.dev.SetPeers(nil)
 				}
+				a.vpnLeave()
 				return ErrDeleted
 			}
 			return err

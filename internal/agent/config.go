@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"net/url"
 	"path/filepath"
+	"time"
 
 	"github.com/trellis-mesh/trellis/internal/mesh"
+	"github.com/trellis-mesh/trellis/internal/vpn"
 )
 
 // Config holds everything an agent needs. Zero values are replaced by the
@@ -49,6 +51,14 @@ type Config struct {
 	// without a restart (SIGHUP: flags, environment and config file read
 	// again).
 	Reload <-chan Reload
+	// VPN, if set, carries the cluster's traffic instead of WireGuard
+	// (--vpn-auth): the node joins it before the cluster, its VPN
+	// addresses are its node IPs, and its pod CIDRs are advertised through
+	// it. DataPlane must be false.
+	VPN vpn.Provider
+	// RouteApprovalTimeout is how long the VPN may take to approve the
+	// node's pod CIDR routes before the agent warns. Default 30 s.
+	RouteApprovalTimeout time.Duration
 	// StatusPort is the 127.0.0.1 TCP port of the agent's status endpoint
 	// (--status-port), always reachable through the tunnel. Default
 	// api.DefaultStatusPort; negative turns the endpoint off.
@@ -110,6 +120,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if err := c.validateVPN(); err != nil {
+		return err
 	}
 	return nil
 }

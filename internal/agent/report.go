@@ -158,6 +158,7 @@ func (a *Agent) reportLoop(ctx context.Context) {
 			Networks:     addrs.networks,
 			ExternalIPs:  external,
 			Observations: a.observations(time.Now()),
+			VPN:          a.vpnReport(ctx, time.Now()),
 		}
 		body, err := json.Marshal(rep)
 		if err != nil || bytes.Equal(body, last) || c == nil {

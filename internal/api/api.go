@@ -116,6 +116,9 @@ type JoinResponse struct {
 	Certificate []byte `json:"certificate"`
 	// ClusterCIDRs are the cluster's pod address ranges.
 	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs"`
+	// Members are the cluster's nodes at the time of the join (see
+	// Member).
+	Members []Member `json:"members,omitempty"`
 }
 
 // Node is a node as the server knows it.
@@ -143,6 +146,9 @@ type Node struct {
 	// Tunnel is computed by the server in node listings: the state of the
 	// node's supervisor tunnel. Nil elsewhere.
 	Tunnel *TunnelStatus `json:"tunnel,omitempty"`
+	// VPN is what a node on a VPN carrier (--vpn-auth) last reported
+	// about it; nil for WireGuard nodes.
+	VPN *VPNStatus `json:"vpn,omitempty"`
 }
 
 // HasRole reports whether n has role r.
@@ -214,6 +220,7 @@ type Report struct {
 	Networks     []netip.Prefix `json:"networks,omitempty"`
 	ExternalIPs  []netip.Addr   `json:"externalIPs,omitempty"`
 	Observations []Observation  `json:"observations,omitempty"`
+	VPN          *VPNStatus     `json:"vpn,omitempty"`
 }
 
 // Path is how one node reaches another.

@@ -152,7 +152,10 @@ func PrintNodes(w io.Writer, nodes []api.Node, format string, now time.Time) err
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, orNone(strings.Join(n.Roles, ",")), ready, TunnelColumn(n.Tunnel, now),
 				orNone(joinAddrs(n.InternalIPs)), orNone(joinAddrs(n.ExternalIPs)), orNone(joinPrefixes(n.PodCIDRs)), Age(now.Sub(n.CreatedAt)))
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		return printVPN(w, nodes)
 	}
 	return fmt.Errorf("unknown output format %q: use table or json", format)
 }

@@ -39,6 +39,9 @@ func validateReport(self string, rep *api.Report, known func(string) bool) error
 			return fmt.Errorf("network %s is not a valid subnet", p)
 		}
 	}
+	if err := validateVPNStatus(rep.VPN); err != nil {
+		return err
+	}
 	if len(rep.Observations) > maxObservations {
 		return errors.New("too many observations")
 	}
@@ -96,6 +99,7 @@ func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 		rec.Networks = maskAll(rep.Networks)
 		rec.ExternalIPs = rep.ExternalIPs
 		rec.Observations = rep.Observations
+		rec.VPN = rep.VPN
 		if src.IsValid() && !src.IsLoopback() {
 			rec.ObservedIP = src
 		}

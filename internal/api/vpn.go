@@ -1,0 +1,26 @@
+package api
+
+import "net/netip"
+
+// Member is a node of the cluster as a node on a VPN carrier sees it: the
+// VPN routes inside the cluster CIDRs must come from members, or another
+// cluster (or someone else) uses the same range.
+type Member struct {
+	Name        string         `json:"name"`
+	InternalIPs []netip.Addr   `json:"internalIPs"`
+	PodCIDRs    []netip.Prefix `json:"podCIDRs"`
+}
+
+// VPNStatus is the state of a node's VPN carrier (--vpn-auth).
+type VPNStatus struct {
+	// Provider is the VPN, e.g. "tailscale".
+	Provider string `json:"provider"`
+	// Routes are the pod CIDRs the node advertises through the VPN.
+	Routes []netip.Prefix `json:"routes,omitempty"`
+	// RoutesApproved: the VPN's control server approved Routes, so other
+	// nodes route them to this node.
+	RoutesApproved bool `json:"routesApproved"`
+	// Warning says what is wrong and what to do (for unapproved routes:
+	// the autoApprovers stanza to add to the tailnet policy).
+	Warning string `json:"warning,omitempty"`
+}
