@@ -141,10 +141,17 @@ func TestDualStackEndpoints(t *testing.T) {
 		{name: "IPv6 failing too: no flapping back", a: dualA, b: dualB, obsA: []api.Observation{failing("b", "[2001:db8:2::20]:51820")}, want: "[2001:db8:2::20]:51820"},
 		{name: "a handshake beats a failure report", a: dualA, b: dualB, obsA: []api.Observation{failing("b", "203.0.113.20:51820")}, obsB: []api.Observation{ok("a", "198.51.100.10:51820")}, want: "203.0.113.20:51820"},
 		{name: "IPv4-only peer: IPv4 even when failing", a: dualA, b: v4Only, obsA: []api.Observation{failing("b", "203.0.113.20:51820")}, want: "203.0.113.20:51820", wantBA: "198.51.100.10:51820"},
-		// b cannot tell that its IPv4 LAN has no way out: it tries a's
-		// IPv4 address until a's handshake (to b's IPv6) or its failure
-		// settles the pair on IPv6.
-		{name: "IPv6-underlay peer: its IPv6, not its IPv4 LAN address", a: dualA, b: v6Underlay, want: "[2001:db8:2::20]:51820", wantBA: "198.51.100.10:51820"},
+		// b shows no public IPv4 address: it uses a's IPv6 rather than
+		// wait for a failed handshake to IPv4.
+		{name: "IPv6-underlay peer: its IPv6, not its IPv4 LAN address", a: dualA, b: v6Underlay, want: "[2001:db8:2::20]:51820", wantBA: "[2001:db8:1::10]:51820"},
+		{name: "IPv6-underlay peer after a handshake over IPv4", a: dualA, b: v6Underlay, obsB: []api.Observation{ok("a", "198.51.100.10:51820")}, want: "[2001:db8:2::20]:51820", wantBA: "198.51.100.10:51820"},
+		// The same node seen by the server over IPv4 (a NAT to the IPv4
+		// internet): IPv4 first again.
+		{name: "IPv4 LAN with a way out", a: dualA, b: func() api.Node {
+			n := v6Underlay()
+			n.ObservedIP = netip.MustParseAddr("198.18.0.7")
+			return n
+		}, want: "[2001:db8:2::20]:51820", wantBA: "198.51.100.10:51820"},
 		{name: "IPv6-underlay peer after a handshake", a: dualA, b: v6Underlay, obsA: []api.Observation{ok("b", "[2001:db8:2::20]:51820")}, want: "[2001:db8:2::20]:51820", wantBA: "[2001:db8:1::10]:51820"},
 		{name: "IPv6-underlay peer after b's IPv4 failed", a: dualA, b: v6Underlay, obsB: []api.Observation{failing("a", "198.51.100.10:51820")}, want: "[2001:db8:2::20]:51820", wantBA: "[2001:db8:1::10]:51820"},
 		{name: "IPv6-only underlay both sides", a: v6UnderlayA, b: v6Underlay, want: "[2001:db8:2::20]:51820", wantBA: "[2001:db8:1::10]:51820"},

@@ -357,6 +357,8 @@ func mayBePublic(n *api.Node, a netip.Addr) bool {
 //   - IPv6 when either reports the handshake failing: IPv4 (tried first)
 //     does not get through. A pair whose IPv6 fails too stays on IPv6 and
 //     is relayed, rather than flapping between the families;
+//   - IPv6 when from shows a public IPv6 address and no public IPv4 one
+//     (a cloud on an IPv6-only underlay with an IPv4 LAN);
 //   - IPv4 otherwise.
 func (v *View) preferIPv6(from, to *api.Node) bool {
 	oft, otf := v.obs[from.Name][to.Name], v.obs[to.Name][from.Name]
@@ -365,7 +367,28 @@ func (v *View) preferIPv6(from, to *api.Node) bool {
 			return is6(o.Endpoint.Addr())
 		}
 	}
-	return oft.Handshake == api.HandshakeFailing || otf.Handshake == api.HandshakeFailing
+	if oft.Handshake == api.HandshakeFailing || otf.Handshake == api.HandshakeFailing {
+		return true
+	}
+	return hasPublic(from, true) && !hasPublic(from, false)
+}
+
+// hasPublic reports whether n shows an address of the family that other
+// networks may reach it at or that it reaches them from: an external IP,
+// a non-private node IP, or the address the server sees it at.
+func hasPublic(n *api.Node, v6 bool) bool {
+	for _, a := range n.ExternalIPs {
+		if ValidEndpoint(a) && is6(a) == v6 {
+			return true
+		}
+	}
+	for _, a := range n.InternalIPs {
+		if ValidEndpoint(a) && !a.Unmap().IsPrivate() && is6(a) == v6 {
+			return true
+		}
+	}
+	o := n.ObservedIP
+	return o.IsValid() && !o.IsLoopback() && is6(o) == v6
 }
 
 // is6 reports whether a is an IPv6 address (IPv4-mapped ones count as
