@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -19,6 +22,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/agent"
 	"github.com/trellis-mesh/trellis/internal/cli"
 	"github.com/trellis-mesh/trellis/internal/mesh"
+	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/server"
 )
 
@@ -33,6 +37,7 @@ Usage:
   trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
   trellis cleanup [--data-dir D]  withdraw the routes this node added to its VPN (--vpn-auth)
+  trellis token create [--ttl D]  make a join token for agents (also: list, revoke ID, rotate)
   trellis version
 
 Run 'trellis COMMAND -h' for the flags of a command. Every flag can also be
@@ -72,6 +77,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runNodes(ctx, args[1:], stdout, stderr, getenv)
 	case "paths":
 		return runPaths(ctx, args[1:], stdout, stderr, getenv)
+	case "token":
+		return runToken(ctx, args[1:], stdout, stderr, getenv)
 	case "node":
 		if len(args) < 2 || args[1] != "delete" {
 			return errors.New("usage: trellis node delete NAME")
@@ -109,6 +116,7 @@ type nodeFlags struct {
 	tunnel         tunnelFlags
 	relay          bool
 	vpn            vpnFlags
+	withNodeID     bool
 	serverURL      *string // agent only
 }
 
@@ -130,6 +138,7 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	n.tunnel.register(fs)
 	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
 	n.vpn.register(fs)
+	fs.BoolVar(&n.withNodeID, "with-node-id", false, "append a random id, kept in the data dir, to the node name (for machines that share a host name)")
 }
 
 // parse parses args, then settles unset flags from env and config files.
@@ -176,6 +185,13 @@ func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
 			return c, fmt.Errorf("no --node-name and no host name: %w", err)
 		}
 		n.nodeName = strings.ToLower(n.nodeName)
+	}
+	if n.withNodeID {
+		id, err := nodeID(n.dataDir)
+		if err != nil {
+			return c, err
+		}
+		n.nodeName += "-" + id
 	}
 	if err := server.ValidateNodeName(n.nodeName); err != nil {
 		return c, fmt.Errorf("--node-name: %w", err)
@@ -232,6 +248,7 @@ type serverFlags struct {
 	disableAgent    bool
 	flannelExternal bool
 	datastore       string
+	agentToken      string
 }
 
 func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
@@ -246,6 +263,7 @@ func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
 	fs.BoolVar(&sf.disableAgent, "disable-agent", false, "do not run the node role on this server")
 	fs.BoolVar(&sf.flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
 	fs.StringVar(&sf.datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
+	fs.StringVar(&sf.agentToken, "agent-token", "", "a second join token that joins agents only")
 	return fs, &n, &sf
 }
 
@@ -274,7 +292,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	sc := server.Config{
 		DataDir: n.dataDir, NodeName: ac.NodeName, Port: sf.port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
 		TLSSANs: sf.tlsSANs, ClusterCIDRs: cidrs, ForceExternal: sf.flannelExternal, Token: tok,
-		DatastoreEndpoint: sf.datastore, Logger: log,
+		DatastoreEndpoint: sf.datastore, Logger: log, AgentToken: sf.agentToken,
 	}
 	if sf.bind != "" {
 		if sc.BindAddress, err = parseAddr("bind-address", sf.bind); err != nil {
@@ -424,4 +442,26 @@ func runPaths(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		return err
 	}
 	return cli.PrintPaths(stdout, paths, *output)
+}
+
+// nodeID returns the random id kept in DATA-DIR/agent/node-id, making it
+// on first use.
+func nodeID(dataDir string) (string, error) {
+	path := filepath.Join(dataDir, "agent", "node-id")
+	if b, err := os.ReadFile(path); err == nil {
+		if id := strings.TrimSpace(string(b)); id != "" {
+			return id, nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("--with-node-id: %w", err)
+	}
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	id := hex.EncodeToString(b)
+	if err := pki.WriteFileAtomic(path, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("--with-node-id: %w", err)
+	}
+	return id, nil
 }

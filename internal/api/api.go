@@ -35,6 +35,10 @@ const (
 	// PathPaths lists how every pair of nodes reaches each other (GET,
 	// admin).
 	PathPaths = "/v1/paths"
+	// PathTokens creates (POST) and lists (GET) join tokens; PathTokens+
+	// "/ID" revokes one (DELETE); PathTokens+"/rotate-server" replaces the
+	// server token (POST). Admin only.
+	PathTokens = "/v1/tokens"
 )
 
 // Node roles.

@@ -36,6 +36,9 @@ type Config struct {
 	// Token is the join token or its secret (--token). Empty: reuse the
 	// secret of DataDir/server/token, or generate one on first start.
 	Token string
+	// AgentToken, if set, is a second secret that joins agents only
+	// (--agent-token); written to DataDir/server/agent-token.
+	AgentToken string
 	// DatastoreEndpoint selects the store; empty is SQLite in DataDir.
 	DatastoreEndpoint string
 	// Logger receives the server's logs. Default slog.Default().

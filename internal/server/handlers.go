@@ -39,6 +39,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+api.PathNodes, s.admin(s.handleListNodes))
 	mux.HandleFunc("GET "+api.PathPaths, s.admin(s.handlePaths))
 	mux.HandleFunc("PUT "+api.PathReport, s.handleReport)
+	s.tokenRoutes(mux)
 	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
 	s.tunnelRoutes(mux)
 	return mux
@@ -149,9 +150,13 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	t, err := token.Parse(strings.TrimSpace(bearer))
-	if err != nil || !t.SecretMatches(s.token.Secret) || (t.HasCAHash && !t.CAMatches(s.ca.CertPEM())) {
-		s.log.Warn("join refused: wrong token", "source", src)
-		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "the join token is wrong: copy it again from the server's token file (<data-dir>/server/token)")
+	var kind token.Kind
+	if err == nil {
+		kind, ok = s.authorizeJoin(r.Context(), t)
+	}
+	if err != nil || !ok {
+		s.log.Warn("join refused: wrong, expired or revoked token", "source", src)
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "the join token is wrong, expired or revoked: copy it again from the server's token file (<data-dir>/server/token) or make a new one with 'trellis token create'")
 		return
 	}
 	var req api.JoinRequest
@@ -177,6 +182,10 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 	}
 	roles := []string{api.RoleAgent}
 	if req.NodeName == s.cfg.NodeName {
+		if kind != token.KindServer {
+			writeError(w, http.StatusForbidden, api.ErrCodeForbidden, fmt.Sprintf("%q is a server's node name; joining as a server needs the server token", req.NodeName))
+			return
+		}
 		roles = []string{api.RoleServer}
 	}
 	start := time.Now()

@@ -31,19 +31,21 @@ import (
 // Server is a running supervisor. Create it with Start; stop it with
 // Close.
 type Server struct {
-	cfg    Config
-	log    *slog.Logger
-	ca     *pki.CA
-	token  token.Token
-	store  *store.Store
-	reg    *registry
-	hub    *hub
-	ln     net.Listener
-	http   *http.Server
-	url    string
-	joins  *rateLimiter
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	cfg        Config
+	log        *slog.Logger
+	ca         *pki.CA
+	tokenMu    sync.RWMutex
+	token      token.Token // guarded by tokenMu
+	agentToken token.Token // guarded by tokenMu; zero if none
+	store      *store.Store
+	reg        *registry
+	hub        *hub
+	ln         net.Listener
+	http       *http.Server
+	url        string
+	joins      *rateLimiter
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
 
 	// tunnels holds the agents' supervisor tunnels (tunnel.go).
 	tunnels *tunnel.Server
@@ -81,6 +83,16 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	if s.token, err = s.loadOrCreateToken(); err != nil {
 		return nil, err
+	}
+	if cfg.AgentToken != "" {
+		t, err := token.Parse(cfg.AgentToken)
+		if err != nil {
+			return nil, fmt.Errorf("--agent-token: %w", err)
+		}
+		s.agentToken = token.New(s.ca.CertPEM(), token.KindNode, t.Secret)
+		if err := pki.WriteFileAtomic(cfg.dir("agent-token"), []byte(s.agentToken.String()+"\n"), 0o600); err != nil {
+			return nil, fmt.Errorf("write agent token file: %w", err)
+		}
 	}
 	serving, err := s.ca.LoadOrCreateServing(cfg.dir("tls"), s.sans())
 	if err != nil {
@@ -175,7 +187,11 @@ func addrOrAll(a string) string {
 func (s *Server) URL() string { return s.url }
 
 // Token returns the server join token (K10 form).
-func (s *Server) Token() string { return s.token.String() }
+func (s *Server) Token() string {
+	s.tokenMu.RLock()
+	defer s.tokenMu.RUnlock()
+	return s.token.String()
+}
 
 // Close stops the API and the store. It is idempotent.
 func (s *Server) Close() error {
