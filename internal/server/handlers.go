@@ -244,20 +244,18 @@ func (s *Server) nodeAuth(w http.ResponseWriter, r *http.Request) (string, bool)
 		return "", false
 	}
 	serial := r.TLS.VerifiedChains[0][0].SerialNumber.Text(16)
-	rec, ok := s.hub.record(id.Name)
-	if !ok || rec.CertSerial != serial {
-		// The hub may lag the store by a moment after a join: ask the
-		// store, which is authoritative.
-		ok = false
-		if rr, _, err := s.reg.get(r.Context(), id.Name); err == nil {
-			rec, ok = *rr, true
-		}
+	// Ask the store, not the hub: the hub may lag a re-join or a delete
+	// by a moment, and a retired or deleted credential must never pass.
+	rr, _, err := s.reg.get(r.Context(), id.Name)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "the server cannot read its datastore: "+err.Error())
+		return "", false
 	}
-	if !ok {
+	if err != nil {
 		writeError(w, http.StatusForbidden, api.ErrCodeNodeDeleted, fmt.Sprintf("node %q was deleted from the cluster; restart the agent with a valid join token to join again", id.Name))
 		return "", false
 	}
-	if rec.CertSerial != serial {
+	if rr.CertSerial != serial {
 		writeError(w, http.StatusForbidden, api.ErrCodeForbidden, fmt.Sprintf("this credential of node %q was replaced by a newer join; restart the agent to join again", id.Name))
 		return "", false
 	}
@@ -286,11 +284,25 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	defer ka.Stop()
 	var last api.NetMap
 	sent := false
+	// The hub may not have seen a node that just joined: wait for it a
+	// while before giving up.
+	notYet := time.NewTimer(10 * time.Second)
+	defer notYet.Stop()
 	for {
 		nodes, view, version, changed := s.hub.snapshot()
 		nm, ok := s.hub.netmapFor(name, nodes, view, version)
-		if !ok {
+		if !ok && sent {
 			return // the node was deleted: the agent will learn why on reconnect
+		}
+		if !ok {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-notYet.C:
+				return
+			case <-changed:
+				continue
+			}
 		}
 		if !sent || !sameMap(last, nm) {
 			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
