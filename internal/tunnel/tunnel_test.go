@@ -25,7 +25,8 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// fastTiming detects a dead tunnel within a fraction of a second.
+// fastTiming detects a dead tunnel within a fraction of a second (the
+// keepalive test); the other tests use loadTiming.
 var fastTiming = Timing{PingInterval: 50 * time.Millisecond, Timeout: 300 * time.Millisecond}
 
 var discard = slog.New(slog.DiscardHandler)
@@ -42,8 +43,18 @@ type testServer struct {
 
 func startServer(t *testing.T, ln net.Listener) *testServer {
 	t.Helper()
+	return startServerTiming(t, ln, loadTiming)
+}
+
+// loadTiming is for tests that load the machine (race detector, many
+// streams): they are not about keepalives, and a starved reader must not
+// count as a dead tunnel.
+var loadTiming = Timing{PingInterval: 200 * time.Millisecond, Timeout: 10 * time.Second}
+
+func startServerTiming(t *testing.T, ln net.Listener, timing Timing) *testServer {
+	t.Helper()
 	srv, err := NewServer(ServerConfig{
-		Timing: fastTiming,
+		Timing: timing,
 		Logger: discard,
 		Authenticate: func(w http.ResponseWriter, r *http.Request) (string, bool) {
 			node := r.Header.Get("X-Test-Node")
@@ -82,13 +93,18 @@ func (ts *testServer) stop() {
 // ends.
 func startClient(t *testing.T, url string, pool *x509.CertPool, node string, allow ...int) *Client {
 	t.Helper()
+	return startClientTiming(t, loadTiming, url, pool, node, allow...)
+}
+
+func startClientTiming(t *testing.T, timing Timing, url string, pool *x509.CertPool, node string, allow ...int) *Client {
+	t.Helper()
 	c, err := NewClient(ClientConfig{
 		ServerURL:  url,
 		NodeName:   node,
 		TLSConfig:  func() (*tls.Config, error) { return &tls.Config{RootCAs: pool}, nil },
 		StatusPort: 1, // never listened on in tests
 		AllowPorts: allow,
-		Timing:     fastTiming,
+		Timing:     timing,
 		BackoffMin: 20 * time.Millisecond,
 		BackoffMax: 200 * time.Millisecond,
 		Logger:     discard,
@@ -321,7 +337,7 @@ func rawSession(t *testing.T, ts *testServer, node string) *yamux.Session {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mux, err := yamux.Server(NewConn(ws, fastTiming), yamuxConfig(discard))
+	mux, err := yamux.Server(NewConn(ws, loadTiming), yamuxConfig(discard))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -467,9 +483,9 @@ func (f *freezer) close() {
 }
 
 func TestKeepaliveDetectsDeadTunnel(t *testing.T) {
-	ts := startServer(t, nil)
+	ts := startServerTiming(t, nil, fastTiming)
 	f := newFreezer(t, ts.https.Listener.Addr().String())
-	c := startClient(t, "https://"+f.addr(), ts.pool, "a")
+	c := startClientTiming(t, fastTiming, "https://"+f.addr(), ts.pool, "a")
 	waitUntil(t, 5*time.Second, "tunnel up", connected(ts.Server, "a"))
 	waitUntil(t, 5*time.Second, "client reports up", func() bool { up, _ := c.State(); return up })
 
@@ -516,9 +532,9 @@ func TestReconnectAfterServerRestart(t *testing.T) {
 }
 
 func TestConcurrentStreams(t *testing.T) {
-	ts := startServer(t, nil)
+	ts := startServerTiming(t, nil, loadTiming)
 	echo := echoServer(t)
-	startClient(t, ts.url, ts.pool, "a", echo)
+	startClientTiming(t, loadTiming, ts.url, ts.pool, "a", echo)
 	waitUntil(t, 5*time.Second, "tunnel up", connected(ts.Server, "a"))
 
 	const n, size = 50, 256 << 10
@@ -587,14 +603,14 @@ func TestWebsocketConnHalfClose(t *testing.T) {
 		if err != nil {
 			return
 		}
-		serverSide <- NewConn(ws, fastTiming)
+		serverSide <- NewConn(ws, loadTiming)
 	}))
 	defer hs.Close()
 	ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(hs.URL, "http"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := NewConn(ws, fastTiming)
+	client := NewConn(ws, loadTiming)
 	defer client.Close()
 	server := <-serverSide
 	defer server.Close()
