@@ -212,6 +212,9 @@ func (l *Lab) SendUDP(ns string, dst netip.AddrPort) error {
 //	echo-server ADDR   serve TCP echo on ADDR until killed
 //	tcp-echo HOST:PORT send a line to an echo server, expect it back
 //	udp-send HOST:PORT send one UDP datagram
+// extraHelpers are helper modes registered by other files (init).
+var extraHelpers = map[string]func(arg string) error{}
+
 func RunHelper() {
 	mode := os.Getenv(helperEnv)
 	if mode == "" {
@@ -230,7 +233,11 @@ func RunHelper() {
 	case "udp-send":
 		err = udpSend(os.Args[1])
 	default:
-		err = fmt.Errorf("unknown helper mode %q", mode)
+		if f := extraHelpers[mode]; f != nil {
+			err = f(os.Args[1])
+		} else {
+			err = fmt.Errorf("unknown helper mode %q", mode)
+		}
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "helper %s: %v\n", mode, err)
