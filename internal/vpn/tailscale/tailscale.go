@@ -129,7 +129,8 @@ func (c *Client) login(ctx context.Context, state string) error {
 	}
 	keyPath := f.Name()
 	defer os.Remove(keyPath)
-	if err := f.Chmod(0o600); err == nil {
+	err = f.Chmod(0o600) // CreateTemp makes it 0600 already; keep it so under any umask
+	if err == nil {
 		_, err = f.WriteString(c.cfg.Auth.JoinKey)
 	}
 	if cerr := f.Close(); err == nil {

@@ -1,0 +1,81 @@
+package agent
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/vpn"
+)
+
+func pfx(ss ...string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	return out
+}
+
+func TestPlanAdvertise(t *testing.T) {
+	tests := []struct {
+		name                           string
+		recorded, advertised, podCIDRs []netip.Prefix
+		ours, stale                    []netip.Prefix
+	}{
+		{name: "first start", advertised: pfx("192.168.1.0/24"), podCIDRs: pfx("10.42.1.0/24"), ours: pfx("10.42.1.0/24")},
+		{name: "restart", recorded: pfx("10.42.1.0/24"), advertised: pfx("192.168.1.0/24", "10.42.1.0/24"), podCIDRs: pfx("10.42.1.0/24"), ours: pfx("10.42.1.0/24")},
+		{name: "user advertised the pod CIDR already", advertised: pfx("10.42.1.0/24"), podCIDRs: pfx("10.42.1.0/24")},
+		{name: "new pod CIDR", recorded: pfx("10.42.1.0/24"), advertised: pfx("10.42.1.0/24"), podCIDRs: pfx("10.42.7.0/24"), ours: pfx("10.42.7.0/24"), stale: pfx("10.42.1.0/24")},
+		{name: "dual stack", advertised: nil, podCIDRs: pfx("10.42.1.0/24", "fd00:42:0:1::/64"), ours: pfx("10.42.1.0/24", "fd00:42:0:1::/64")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ours, stale := planAdvertise(tt.recorded, tt.advertised, tt.podCIDRs)
+			if !slices.Equal(ours, tt.ours) || !slices.Equal(stale, tt.stale) {
+				t.Errorf("planAdvertise = %v, %v; want %v, %v", ours, stale, tt.ours, tt.stale)
+			}
+		})
+	}
+}
+
+func TestForeignRoutes(t *testing.T) {
+	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	members := []api.Member{
+		{Name: "n1", InternalIPs: []netip.Addr{a("100.64.0.1"), a("fd7a::1")}, PodCIDRs: pfx("10.42.0.0/24")},
+		{Name: "n2", InternalIPs: []netip.Addr{a("100.64.0.2")}, PodCIDRs: pfx("10.42.1.0/24")},
+	}
+	cidrs := pfx("10.42.0.0/16", "fd00:42::/56")
+	st := vpn.State{Peers: []vpn.Peer{
+		{Name: "n2", Addrs: []netip.Addr{a("100.64.0.2")}, Routes: pfx("10.42.1.0/24", "10.0.0.0/8")}, // member: fine
+		{Name: "lan", Addrs: []netip.Addr{a("100.64.0.9")}, Routes: pfx("192.168.0.0/24")},            // no overlap
+		{Name: "other", Addrs: []netip.Addr{a("100.64.0.7")}, Routes: pfx("10.0.0.0/8")},              // covers the cluster
+		{Name: "other6", Addrs: []netip.Addr{a("100.64.0.8")}, Routes: pfx("fd00:42:0:5::/64")},       // inside the v6 CIDR
+		{Name: "gone", Addrs: []netip.Addr{a("100.64.0.3")}, Routes: pfx("10.42.2.0/24")},             // an old node of this cluster
+	}}
+	got := foreignRoutes(st, cidrs, members)
+	if len(got) != 3 || !strings.Contains(got[0], `"other"`) || !strings.Contains(got[0], "10.0.0.0/8") ||
+		!strings.Contains(got[1], `"other6"`) || !strings.Contains(got[2], `"gone"`) {
+		t.Errorf("foreignRoutes = %q", got)
+	}
+	if got := foreignRoutes(st, pfx("10.50.0.0/16"), members); len(got) != 1 || !strings.Contains(got[0], `"other"`) {
+		t.Errorf("with 10.50.0.0/16: foreignRoutes = %q, want only other's 10.0.0.0/8", got)
+	}
+}
+
+func TestAutoApproversStanza(t *testing.T) {
+	got := AutoApproversStanza(pfx("10.42.0.0/16", "2001:cafe:42::/56"), "")
+	want := `"autoApprovers": {
+"routes": {
+"10.42.0.0/16": ["your_account@xyz.com"],
+"2001:cafe:42::/56": ["your_account@xyz.com"],
+},
+},`
+	if got != want {
+		t.Errorf("stanza:\n%s\nwant (the K3s page's):\n%s", got, want)
+	}
+	if got := AutoApproversStanza(pfx("10.42.0.0/16"), "ops@example.com"); !strings.Contains(got, `"10.42.0.0/16": ["ops@example.com"],`) {
+		t.Errorf("stanza with owner:\n%s", got)
+	}
+}
