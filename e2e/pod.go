@@ -212,6 +212,7 @@ func (l *Lab) SendUDP(ns string, dst netip.AddrPort) error {
 //	echo-server ADDR   serve TCP echo on ADDR until killed
 //	tcp-echo HOST:PORT send a line to an echo server, expect it back
 //	udp-send HOST:PORT send one UDP datagram
+//
 // extraHelpers are helper modes registered by other files (init).
 var extraHelpers = map[string]func(arg string) error{}
 

@@ -4,10 +4,10 @@ package e2e
 
 import (
 	"bytes"
-	"errors"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/netip"
@@ -247,4 +247,3 @@ func csrJSON(t *testing.T) string {
 	b, _ := json.Marshal(csr) // []byte → base64, as in api.JoinRequest
 	return string(bytes.Trim(b, `"`))
 }
-
