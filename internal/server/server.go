@@ -289,7 +289,7 @@ func (s *Server) writeAdminConfig() error {
 	path := s.cfg.dir("admin.yaml")
 	var ac AdminConfig
 	if b, err := os.ReadFile(path); err == nil && yaml.Unmarshal(b, &ac) == nil && ac.ClientCertificateData != "" && s.adminCertValid(ac) {
-		if ac.Server == s.url {
+		if ac.Server == s.url && pki.CheckPrivate(path) == nil {
 			return nil
 		}
 	} else {
