@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
@@ -100,15 +101,7 @@ func (a *Agent) observations(now time.Time) []api.Observation {
 		}
 		out = append(out, o)
 	}
-	slices.SortFunc(out, func(x, y api.Observation) int {
-		switch {
-		case x.Peer < y.Peer:
-			return -1
-		case x.Peer > y.Peer:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(x, y api.Observation) int { return strings.Compare(x.Peer, y.Peer) })
 	return out
 }
 

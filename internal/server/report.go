@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 
 	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/netmap"
@@ -83,15 +84,7 @@ func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, err.Error())
 		return
 	}
-	slices.SortFunc(rep.Observations, func(a, b api.Observation) int {
-		if a.Peer < b.Peer {
-			return -1
-		}
-		if a.Peer > b.Peer {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(rep.Observations, func(a, b api.Observation) int { return strings.Compare(a.Peer, b.Peer) })
 	src := remoteIP(r)
 	changed, err := s.reg.update(r.Context(), name, func(rec *record) bool {
 		before, _ := json.Marshal(rec.Node)
