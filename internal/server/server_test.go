@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -51,8 +50,6 @@ func startServer(t *testing.T, dir string, mod func(*Config)) *testServer {
 	t.Cleanup(func() { s.Close() })
 	return &testServer{Server: s, dir: dir}
 }
-
-func (ts *testServer) pool(t *testing.T) *x509.CertPool { return ts.ca.Pool() }
 
 func (ts *testServer) client(t *testing.T, cert *tls.Certificate) *http.Client {
 	cfg := &tls.Config{RootCAs: ts.ca.Pool(), MinVersion: tls.VersionTLS12}
