@@ -314,17 +314,23 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 			}
 			last, sent = nm, true
 		}
-		select {
-		case <-r.Context().Done():
-			return
-		case <-changed:
-		case <-ka.C:
-			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if _, err := io.WriteString(w, "\n"); err != nil {
+	wait:
+		for {
+			select {
+			case <-r.Context().Done():
 				return
-			}
-			if err := rc.Flush(); err != nil {
-				return
+			case <-changed:
+				break wait
+			case <-ka.C:
+				// Nothing changed: send the keepalive without computing
+				// the netmap again (that is O(nodes) per stream).
+				_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+				if _, err := io.WriteString(w, "\n"); err != nil {
+					return
+				}
+				if err := rc.Flush(); err != nil {
+					return
+				}
 			}
 		}
 	}
