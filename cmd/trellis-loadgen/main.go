@@ -1,0 +1,228 @@
+// Command trellis-loadgen measures a Trellis server process with many
+// virtual agents: for each N it starts a fresh `trellis server` on
+// loopback, joins N agents, opens their netmap streams, makes changes and
+// measures the fan-out, and writes the results as JSON, a Markdown table
+// and a PNG plot.
+//
+//	trellis-loadgen -trellis bin/trellis -agents 100,1000,5000 -out docs/bench
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/loadgen"
+	"github.com/trellis-mesh/trellis/internal/pki"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "trellis-loadgen:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("trellis-loadgen", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	bin := fs.String("trellis", "bin/trellis", "trellis binary to run as the server")
+	agentsFlag := fs.String("agents", "100,1000,5000", "comma-separated numbers of virtual agents, one server run each")
+	changes := fs.Int("changes", 5, "changes measured per run")
+	out := fs.String("out", "", "directory for loadgen.json, loadgen.md and loadgen.png (empty: print the table only)")
+	timeout := fs.Duration("phase-timeout", 15*time.Minute, "bound on each phase (joins, first netmaps, one fan-out, settling)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var ns []int
+	for f := range strings.SplitSeq(*agentsFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return fmt.Errorf("-agents: %q is not a positive number", f)
+		}
+		ns = append(ns, n)
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	if err := raiseFileLimit(log); err != nil {
+		return err
+	}
+	var results []*loadgen.Result
+	for _, n := range ns {
+		log.Info("=== run", "agents", n)
+		res, err := runOnce(ctx, log, *bin, n, *changes, *timeout)
+		if res != nil {
+			results = append(results, res)
+		}
+		if err != nil {
+			log.Error("run failed; reporting what was measured", "agents", n, "err", err)
+			break
+		}
+	}
+	table := markdown(results)
+	fmt.Fprint(stdout, table)
+	if *out == "" {
+		return nil
+	}
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		return err
+	}
+	jf, err := os.Create(filepath.Join(*out, "loadgen.json"))
+	if err != nil {
+		return err
+	}
+	if err := loadgen.WriteJSON(jf, results); err != nil {
+		jf.Close()
+		return err
+	}
+	if err := jf.Close(); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(*out, "loadgen.md"), []byte(table), 0o644); err != nil {
+		return err
+	}
+	return writePlot(filepath.Join(*out, "loadgen.png"), results)
+}
+
+// raiseFileLimit lifts the soft limit on open files to the hard limit:
+// each agent holds a connection, and so does the server (a child inherits
+// the limit).
+func raiseFileLimit(log *slog.Logger) error {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("read the open-file limit: %w", err)
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("raise the open-file limit to %d: %w", lim.Max, err)
+	}
+	log.Info("open-file limit", "limit", lim.Cur)
+	return nil
+}
+
+// runOnce starts a fresh server and runs n agents against it.
+func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration) (*loadgen.Result, error) {
+	dir, err := os.MkdirTemp("", "trellis-loadgen-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	srv, err := startServer(ctx, log, bin, dir)
+	if err != nil {
+		return nil, err
+	}
+	defer srv.stop(log)
+	return loadgen.Run(ctx, loadgen.Config{
+		ServerURL: srv.url, Token: srv.token, CAPEM: srv.ca,
+		Agents: n, Changes: changes, SourceAddrs: true, ServerPID: srv.cmd.Process.Pid,
+		PhaseTimeout: timeout, Logger: log,
+	})
+}
+
+type serverProc struct {
+	cmd   *exec.Cmd
+	done  chan struct{}
+	url   string
+	token string
+	ca    []byte
+	log   string
+}
+
+// startServer starts `trellis server` without its own node on a free
+// loopback port, with the cluster CIDR 10.0.0.0/8 (room for 65536 nodes),
+// and waits until it answers.
+func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serverProc, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	conf := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(conf, []byte("# trellis-loadgen: settings are flags\n"), 0o600); err != nil {
+		return nil, err
+	}
+	s := &serverProc{log: filepath.Join(dir, "server.log"), done: make(chan struct{}), url: "https://127.0.0.1:" + strconv.Itoa(port)}
+	logf, err := os.Create(s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.cmd = exec.Command(bin, "server", "--disable-agent", "--config", conf,
+		"--data-dir", filepath.Join(dir, "data"), "--node-name", "loadgen-server",
+		"--bind-address", "127.0.0.1", "--https-listen-port", strconv.Itoa(port),
+		"--cluster-cidr", "10.0.0.0/8", "--token", "loadgen-secret", "--log-level", "warn")
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := s.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	go func() {
+		_ = s.cmd.Wait()
+		logf.Close()
+		close(s.done)
+	}()
+	log.Info("server started", "pid", s.cmd.Process.Pid, "url", s.url, "log", s.log)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		tok, err1 := os.ReadFile(filepath.Join(dir, "data", "server", "token"))
+		ca, err2 := os.ReadFile(filepath.Join(dir, "data", "server", "tls", pki.CACertFile))
+		if err1 == nil && err2 == nil && ping(s.url) == nil {
+			s.token, s.ca = strings.TrimSpace(string(tok)), ca
+			return s, nil
+		}
+		select {
+		case <-s.done:
+			b, _ := os.ReadFile(s.log)
+			return nil, fmt.Errorf("server exited: %s", b)
+		case <-ctx.Done():
+			s.stop(log)
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.stop(log)
+			return nil, errors.New("server did not answer within a minute")
+		}
+	}
+}
+
+func ping(url string) error {
+	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: insecureTLS()}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get(url + "/ping")
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	return nil
+}
+
+// stop ends the server: SIGTERM, then SIGKILL after 10 s.
+func (s *serverProc) stop(log *slog.Logger) {
+	_ = s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		log.Warn("server ignored SIGTERM; killing it", "pid", s.cmd.Process.Pid)
+		_ = s.cmd.Process.Kill()
+		<-s.done
+	}
+}

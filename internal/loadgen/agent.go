@@ -1,0 +1,276 @@
+package loadgen
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/pki"
+)
+
+// errRetry marks an answer that asks to try again later.
+var errRetry = errors.New("temporary")
+
+// vagent is one virtual agent: a node identity and an HTTP client that
+// speaks the agent's protocol (join with a CSR, netmap stream, reports),
+// with no data plane behind it.
+type vagent struct {
+	idx      int
+	name     string
+	password string
+	pubKey   api.Key
+	csr      []byte
+	keyPEM   []byte
+	extIP    netip.Addr
+
+	mu   sync.Mutex
+	cert *tls.Certificate // guarded by mu; set after the join
+
+	client *http.Client
+	base   string
+}
+
+// newVAgent creates the identity of agent idx: a random WireGuard public
+// key (nothing uses the private half), a node password and an ECDSA key
+// with its certificate request. With src valid, every connection of the
+// agent comes from that address (one source address per agent keeps the
+// server's per-source join rate limit out of the measurement, as real
+// agents each have their own).
+func newVAgent(idx int, base string, caPEM []byte, src netip.Addr) (*vagent, error) {
+	a := &vagent{idx: idx, name: fmt.Sprintf("vagent-%05d", idx), base: base}
+	if _, err := rand.Read(a.pubKey[:]); err != nil {
+		return nil, err
+	}
+	pw := make([]byte, 18)
+	if _, err := rand.Read(pw); err != nil {
+		return nil, err
+	}
+	a.password = base64.RawURLEncoding.EncodeToString(pw)
+	var err error
+	if a.keyPEM, a.csr, err = pki.NewKeyAndCSR(); err != nil {
+		return nil, err
+	}
+	// Every agent has its own public address (in 198.18.0.0/15, the
+	// benchmarking range), so peers reach each other at external IPs
+	// and every netmap lists every other agent with an endpoint.
+	a.extIP = netip.AddrFrom4([4]byte{198, 18, byte(idx >> 8), byte(idx)})
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, errors.New("server CA is not PEM")
+	}
+	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
+	if src.IsValid() {
+		dialer.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+	}
+	a.client = &http.Client{Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{
+			RootCAs:    pool,
+			MinVersion: tls.VersionTLS12,
+			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+				a.mu.Lock()
+				defer a.mu.Unlock()
+				if a.cert == nil {
+					return &tls.Certificate{}, nil // before the join: no certificate
+				}
+				return a.cert, nil
+			},
+		},
+		DialContext:           dialer.DialContext,
+		TLSHandshakeTimeout:   30 * time.Second,
+		ResponseHeaderTimeout: 2 * time.Minute,
+		IdleConnTimeout:       time.Minute,
+		DisableCompression:    true,
+	}}
+	return a, nil
+}
+
+// sourceAddr returns the loopback source address of agent idx:
+// 127.1.0.1 and up, 250 per /24.
+func sourceAddr(idx int) netip.Addr {
+	return netip.AddrFrom4([4]byte{127, 1 + byte(idx/(250*256)), byte(idx / 250 % 256), byte(idx%250 + 1)})
+}
+
+// join registers the agent with the server and installs the certificate
+// it gets. The join connection carries no client certificate, so it is
+// closed afterwards: the next request handshakes again with the new one.
+func (a *vagent) join(ctx context.Context, token string) error {
+	req := api.JoinRequest{
+		NodeName:     a.name,
+		NodePassword: a.password,
+		PublicKey:    a.pubKey,
+		CSR:          a.csr,
+		ExternalIPs:  []netip.Addr{a.extIP},
+		ListenPort:   api.DefaultWireGuardPort,
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+api.PathJoin, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	hr.Header.Set("Authorization", "Bearer "+token)
+	hr.Header.Set("Content-Type", "application/json")
+	resp, err := a.client.Do(hr)
+	if err != nil {
+		return fmt.Errorf("join %s: %w", a.name, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return fmt.Errorf("join %s: read answer: %w", a.name, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		err := fmt.Errorf("join %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
+		if resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusTooManyRequests {
+			err = fmt.Errorf("%w: %w", errRetry, err)
+		}
+		return err
+	}
+	var jr api.JoinResponse
+	if err := json.Unmarshal(b, &jr); err != nil {
+		return fmt.Errorf("join %s: decode answer: %w", a.name, err)
+	}
+	cert, err := tls.X509KeyPair(jr.Certificate, a.keyPEM)
+	if err != nil {
+		return fmt.Errorf("join %s: node certificate: %w", a.name, err)
+	}
+	a.mu.Lock()
+	a.cert = &cert
+	a.mu.Unlock()
+	a.client.CloseIdleConnections()
+	return nil
+}
+
+// report sends a report that sets the agent's external IP.
+func (a *vagent) report(ctx context.Context, ext netip.Addr) error {
+	body, err := json.Marshal(api.Report{ExternalIPs: []netip.Addr{ext}})
+	if err != nil {
+		return err
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPut, a.base+api.PathReport, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	resp, err := a.client.Do(hr)
+	if err != nil {
+		return fmt.Errorf("report of %s: %w", a.name, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("report of %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	return nil
+}
+
+// openStream starts the agent's netmap stream.
+func (a *vagent) openStream(ctx context.Context) (io.ReadCloser, error) {
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, a.base+api.PathNetmap, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := a.client.Do(hr)
+	if err != nil {
+		return nil, fmt.Errorf("netmap stream of %s: %w", a.name, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		return nil, fmt.Errorf("netmap stream of %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	return resp.Body, nil
+}
+
+// probe is one change being followed: the marker that the new netmaps
+// carry, when the change was made, and when each agent got it.
+type probe struct {
+	marker    []byte
+	start     time.Time
+	arrivals  []atomic.Int64 // ns after start; 0 while not arrived
+	remaining atomic.Int64
+	done      chan struct{}
+}
+
+func newProbe(marker string, n int) *probe {
+	p := &probe{marker: []byte(marker), arrivals: make([]atomic.Int64, n), done: make(chan struct{})}
+	p.remaining.Store(int64(n))
+	return p
+}
+
+func (p *probe) arrived(idx int) {
+	d := max(time.Since(p.start), 1)
+	if p.arrivals[idx].CompareAndSwap(0, int64(d)) && p.remaining.Add(-1) == 0 {
+		close(p.done)
+	}
+}
+
+// follower reads netmap streams for a set of agents: it counts bytes,
+// notes the end of each agent's first netmap, and reports when the current
+// probe's marker has arrived at each agent.
+type follower struct {
+	target   atomic.Pointer[probe]
+	bytes    atomic.Int64
+	firstN   atomic.Int64
+	first    chan struct{} // closed when firstWant agents have their first netmap
+	firstWnt int64
+	failed   atomic.Int64
+}
+
+func newFollower(n int) *follower {
+	return &follower{first: make(chan struct{}), firstWnt: int64(n)}
+}
+
+// read follows one agent's stream until it ends.
+func (f *follower) read(idx int, body io.ReadCloser) error {
+	defer body.Close()
+	buf := make([]byte, 32<<10)
+	gotFirst := false
+	var cur *probe
+	var m *lineMatcher
+	for {
+		n, err := body.Read(buf)
+		if n > 0 {
+			chunk := buf[:n]
+			f.bytes.Add(int64(n))
+			if !gotFirst && bytes.IndexByte(chunk, '\n') >= 0 {
+				gotFirst = true
+				if f.firstN.Add(1) == f.firstWnt {
+					close(f.first)
+				}
+			}
+			if p := f.target.Load(); p != cur {
+				cur, m = p, nil
+				if p != nil {
+					m = newLineMatcher(p.marker)
+				}
+			}
+			if m != nil && m.feed(chunk) {
+				cur.arrived(idx)
+			}
+		}
+		if err != nil {
+			if errors.Is(err, context.Canceled) {
+				return nil
+			}
+			f.failed.Add(1)
+			return err
+		}
+	}
+}
