@@ -49,6 +49,9 @@ type Agent struct {
 
 	vpn     *vpnCarrier  // the VPN carrier (--vpn-auth); nil with WireGuard
 	members []api.Member // cluster nodes at the last join (for the VPN carrier)
+
+	metrics *agentMetrics // nil without Config.Metrics (metrics.go)
+	waits   progress      // what the agent waits for (progress.go); report loop only
 }
 
 // peerState is what the agent remembers of a peer between netmaps.
@@ -75,6 +78,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("--token: %w", err)
 	}
 	a.tok = tok
+	if a.metrics, err = newAgentMetrics(a, cfg.Metrics); err != nil {
+		return fmt.Errorf("agent metrics: %w", err)
+	}
 	if !tok.HasCAHash {
 		a.log.Warn("the join token has no CA hash, so the server's certificate cannot be checked on first contact; use the full K10... token from the server's token file")
 	}
@@ -256,6 +262,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 	}
 	a.self, a.cidrs, a.members = jr.Node, jr.ClusterCIDRs, jr.Members
 	a.log.Info("joined the cluster", "server", a.cfg.ServerURL, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
+	a.metrics.joined(time.Since(start))
 	if err := a.setupDataPlane(); err != nil {
 		return nil, &permanentError{apiErr: api.Error{Message: err.Error()}}
 	}
@@ -385,6 +392,7 @@ func (a *Agent) apply(nm api.NetMap) {
 		return
 	}
 	a.lastVersion = nm.Version
+	a.metrics.netmapApplied(nm, time.Now())
 	if a.dev == nil {
 		return
 	}

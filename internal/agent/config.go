@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/trellis-mesh/trellis/internal/mesh"
 	"github.com/trellis-mesh/trellis/internal/vpn"
 )
@@ -68,6 +70,9 @@ type Config struct {
 	TunnelAllowPorts []int
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
+	// Metrics, if set, receives the agent's Prometheus metrics
+	// (--metrics-address).
+	Metrics prometheus.Registerer
 }
 
 // Validate fills in defaults and checks the values.

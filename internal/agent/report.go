@@ -146,6 +146,7 @@ func (a *Agent) reportLoop(ctx context.Context) {
 			default:
 			}
 		}
+		a.checkWaits(time.Now())
 		rep := api.Report{
 			InternalIPs:  addrs.internal,
 			Networks:     addrs.networks,

@@ -22,16 +22,27 @@ func (a *Agent) statusHandler() http.Handler {
 		w.Header().Set("Cache-Control", "no-store")
 		_ = json.NewEncoder(w).Encode(a.status(time.Now()))
 	})
+	mux.HandleFunc("GET "+api.PathProbe, a.handleProbe)
 	return mux
+}
+
+// writeStatusJSON answers v as JSON, never cached.
+func writeStatusJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	_ = json.NewEncoder(w).Encode(v)
 }
 
 // status reports the node's tunnel and data plane.
 func (a *Agent) status(now time.Time) api.NodeStatus {
-	st := api.NodeStatus{Name: a.cfg.NodeName, ServerURL: a.cfg.ServerURL, DataPlane: "none", Peers: []api.PeerStatus{}, Time: now}
+	st := api.NodeStatus{Name: a.cfg.NodeName, ServerURL: a.cfg.ServerURL, DataPlane: "none", Peers: []api.PeerStatus{}, Time: now, StatusPort: a.cfg.StatusPort}
 	if tc := a.tunnelState.Load(); tc != nil {
 		st.Tunnel.Connected, st.Tunnel.Since = tc.State()
 	}
 	if a.dev == nil {
+		if a.vpn != nil {
+			st.DataPlane, st.MTU = "vpn:"+a.vpn.p.Name(), a.tunnelMTU()
+		}
 		return st
 	}
 	st.DataPlane, st.Interface, st.MTU, st.ListenPort = a.dev.Kind(), a.dev.Name(), a.dev.MTU(), a.cfg.WireGuard.ListenPort

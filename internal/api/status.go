@@ -35,6 +35,9 @@ type NodeStatus struct {
 	Peers      []PeerStatus `json:"peers"`
 	// Time is when the agent produced this status (its clock).
 	Time time.Time `json:"time"`
+	// StatusPort is the agent's status endpoint port, where PathProbe is
+	// served; 0 from agents that predate it (DefaultStatusPort).
+	StatusPort int `json:"statusPort,omitempty"`
 }
 
 // PeerStatus is one WireGuard peer as the node's device reports it.

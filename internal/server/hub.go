@@ -25,6 +25,7 @@ type hub struct {
 	view    *netmap.View           // guarded by mu; built from nodes
 	changed chan struct{}          // guarded by mu; closed on change
 	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
+	seen    map[string]int64       // guarded by mu; version each node's stream last computed
 }
 
 type streamInfo struct {
@@ -39,6 +40,7 @@ func newHub(p netmap.Policy) *hub {
 		records: map[string]record{},
 		changed: make(chan struct{}),
 		streams: map[string]*streamInfo{},
+		seen:    map[string]int64{},
 	}
 }
 
@@ -109,6 +111,9 @@ func (h *hub) netmapFor(self string, nodes []api.Node, view *netmap.View, versio
 	if !found {
 		return api.NetMap{}, false
 	}
+	h.mu.Lock()
+	h.seen[self] = version
+	h.mu.Unlock()
 	peers := view.Peers(self)
 	if peers == nil {
 		peers = []api.Peer{}
@@ -140,6 +145,7 @@ func (h *hub) connected(name string, now time.Time) func() {
 		defer h.mu.Unlock()
 		if s.count--; s.count == 0 {
 			delete(h.streams, name)
+			delete(h.seen, name)
 			h.publishLocked()
 		}
 	}
@@ -150,6 +156,20 @@ func (h *hub) nodesWithStatus() []api.Node {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return slices.Clone(h.nodes)
+}
+
+// streamLags returns the current version and, for each node with an open
+// netmap stream, how many versions behind it its stream last computed.
+func (h *hub) streamLags() (int64, map[string]int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	lags := make(map[string]int64, len(h.streams))
+	for name := range h.streams {
+		if v, ok := h.seen[name]; ok {
+			lags[name] = h.version - v
+		}
+	}
+	return h.version, lags
 }
 
 // paths returns how every pair of nodes reaches each other.

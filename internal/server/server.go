@@ -49,6 +49,8 @@ type Server struct {
 
 	// tunnels holds the agents' supervisor tunnels (tunnel.go).
 	tunnels *tunnel.Server
+	// metrics are the Prometheus metrics (metrics.go).
+	metrics *serverMetrics
 
 	closeOnce sync.Once
 	closeErr  error
@@ -70,6 +72,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, joins: newRateLimiter(20, time.Minute)}
+	s.metrics = newServerMetrics(s)
 	defer func() {
 		if err != nil {
 			s.Close()
@@ -104,7 +107,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.store, err = store.Open(ctx, store.Config{DataDir: cfg.dir(), Endpoint: cfg.DatastoreEndpoint, Logger: s.log}); err != nil {
 		return nil, fmt.Errorf("open datastore: %w", err)
 	}
-	s.reg = &registry{kv: s.store, clusterCIDRs: cfg.ClusterCIDRs, now: time.Now}
+	s.reg = &registry{kv: s.metrics.timed(s.store), clusterCIDRs: cfg.ClusterCIDRs, now: time.Now}
 	if err := s.reg.ensureCluster(ctx); err != nil {
 		return nil, err
 	}
@@ -146,7 +149,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	s.tunnels = s.newTunnels()
 	s.http = &http.Server{
-		Handler:           s.Handler(),
+		Handler:           s.metrics.instrument(s.Handler()),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		IdleTimeout:       120 * time.Second,

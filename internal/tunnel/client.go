@@ -121,6 +121,7 @@ type Client struct {
 	mu        sync.Mutex
 	connected bool      // guarded by mu
 	since     time.Time // guarded by mu; of the last transition
+	connects  int64     // guarded by mu; times the tunnel came up
 }
 
 // NewClient returns a client; Run starts it.
@@ -142,7 +143,18 @@ func (c *Client) State() (connected bool, since time.Time) {
 func (c *Client) setState(up bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if up && !c.connected {
+		c.connects++
+	}
 	c.connected, c.since = up, time.Now()
+}
+
+// Connects reports how many times the tunnel came up since the client
+// started: 1 for a tunnel that never dropped.
+func (c *Client) Connects() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.connects
 }
 
 // Run keeps the tunnel up until ctx ends, then closes it and waits for

@@ -1,0 +1,194 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/store"
+)
+
+// serverMetrics are the server's Prometheus metrics, in a registry of
+// their own (Server.Metrics): cluster figures are read from the hub at
+// scrape time; latencies are recorded as requests happen.
+type serverMetrics struct {
+	s     *Server
+	reg   *prometheus.Registry
+	join  *prometheus.HistogramVec
+	store *prometheus.HistogramVec
+}
+
+var (
+	descNodes         = prometheus.NewDesc("trellis_server_nodes", "Nodes in the cluster, by readiness (a netmap stream is open).", []string{"ready"}, nil)
+	descPaths         = prometheus.NewDesc("trellis_server_paths", "Ordered node pairs by how they reach each other (direct, relayed, none).", []string{"kind"}, nil)
+	descTunnels       = prometheus.NewDesc("trellis_server_tunnels_connected", "Nodes whose supervisor tunnel to this server is up.", nil, nil)
+	descSrvNetmapVer  = prometheus.NewDesc("trellis_server_netmap_version", "Version (store revision) of the cluster state the server serves.", nil, nil)
+	descSrvNetmapLag  = prometheus.NewDesc("trellis_server_netmap_version_lag", "Versions the node's netmap stream is behind the cluster state (non-zero while a stream is stuck sending).", []string{"node"}, nil)
+	descSrvPeerHSOK   = prometheus.NewDesc("trellis_server_handshakes", "Handshake states nodes report about their peers (ok, failing, pending).", []string{"state"}, nil)
+	storeLatencyOpsKV = []string{"get", "list", "create", "update", "delete"}
+)
+
+func newServerMetrics(s *Server) *serverMetrics {
+	m := &serverMetrics{
+		s:   s,
+		reg: prometheus.NewRegistry(),
+		join: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "trellis_server_join_duration_seconds",
+			Help:    "Time the server took to answer join requests, by HTTP status.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}, []string{"code"}),
+		store: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "trellis_server_store_duration_seconds",
+			Help:    "Latency of datastore operations, by operation and outcome.",
+			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 16),
+		}, []string{"op", "result"}),
+	}
+	m.reg.MustRegister(m.join, m.store, m)
+	for _, op := range storeLatencyOpsKV {
+		m.store.WithLabelValues(op, "ok") // present from the start
+	}
+	return m
+}
+
+// Metrics returns the server's Prometheus metrics (trellis_server_*), for
+// a /metrics endpoint (--metrics-address).
+func (s *Server) Metrics() prometheus.Gatherer { return s.metrics.reg }
+
+// Describe implements prometheus.Collector.
+func (m *serverMetrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descNodes, descPaths, descTunnels, descSrvNetmapVer, descSrvNetmapLag, descSrvPeerHSOK} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (m *serverMetrics) Collect(ch chan<- prometheus.Metric) {
+	s := m.s
+	nodes := s.hub.nodesWithStatus()
+	ready, hs := 0, map[string]int{api.HandshakeOK: 0, api.HandshakeFailing: 0, "pending": 0}
+	tunnels := 0
+	for _, n := range nodes {
+		if n.Ready {
+			ready++
+		}
+		for _, o := range n.Observations {
+			st := o.Handshake
+			if st == "" {
+				st = "pending"
+			}
+			hs[st]++
+		}
+		if s.tunnels != nil && s.tunnels.State(n.Name).Connected {
+			tunnels++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descNodes, prometheus.GaugeValue, float64(ready), "true")
+	ch <- prometheus.MustNewConstMetric(descNodes, prometheus.GaugeValue, float64(len(nodes)-ready), "false")
+	for st, n := range hs {
+		ch <- prometheus.MustNewConstMetric(descSrvPeerHSOK, prometheus.GaugeValue, float64(n), st)
+	}
+	kinds := map[string]int{api.PathDirect: 0, api.PathRelayed: 0, api.PathNone: 0}
+	for _, p := range s.hub.paths() {
+		kinds[p.Kind]++
+	}
+	for k, n := range kinds {
+		ch <- prometheus.MustNewConstMetric(descPaths, prometheus.GaugeValue, float64(n), k)
+	}
+	ch <- prometheus.MustNewConstMetric(descTunnels, prometheus.GaugeValue, float64(tunnels))
+	version, lags := s.hub.streamLags()
+	ch <- prometheus.MustNewConstMetric(descSrvNetmapVer, prometheus.GaugeValue, float64(version))
+	for node, lag := range lags {
+		ch <- prometheus.MustNewConstMetric(descSrvNetmapLag, prometheus.GaugeValue, float64(lag), node)
+	}
+}
+
+// instrument times join requests.
+func (m *serverMetrics) instrument(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.URL.Path != api.PathJoin {
+			h.ServeHTTP(w, r)
+			return
+		}
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		h.ServeHTTP(sw, r)
+		m.join.WithLabelValues(strconv.Itoa(sw.code)).Observe(time.Since(start).Seconds())
+	})
+}
+
+// statusWriter remembers the status code of a response.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap lets http.ResponseController reach the real writer.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// timedKV records the latency of every store operation.
+type timedKV struct {
+	kv kv
+	h  *prometheus.HistogramVec
+}
+
+// timed wraps k to record the latency of its operations.
+func (m *serverMetrics) timed(k kv) kv {
+	return &timedKV{kv: k, h: m.store}
+}
+
+func (t *timedKV) observe(op string, start time.Time, err error) {
+	res := "ok"
+	switch {
+	case err == nil:
+	case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrExists), errors.Is(err, store.ErrConflict):
+		res = "miss"
+	default:
+		res = "error"
+	}
+	t.h.WithLabelValues(op, res).Observe(time.Since(start).Seconds())
+}
+
+func (t *timedKV) Get(ctx context.Context, key string) ([]byte, int64, error) {
+	start := time.Now()
+	v, rev, err := t.kv.Get(ctx, key)
+	t.observe("get", start, err)
+	return v, rev, err
+}
+
+func (t *timedKV) List(ctx context.Context, prefix string) ([]store.KV, int64, error) {
+	start := time.Now()
+	v, rev, err := t.kv.List(ctx, prefix)
+	t.observe("list", start, err)
+	return v, rev, err
+}
+
+func (t *timedKV) Create(ctx context.Context, key string, value []byte) (int64, error) {
+	start := time.Now()
+	rev, err := t.kv.Create(ctx, key, value)
+	t.observe("create", start, err)
+	return rev, err
+}
+
+func (t *timedKV) Update(ctx context.Context, key string, value []byte, prevRev int64) (int64, error) {
+	start := time.Now()
+	rev, err := t.kv.Update(ctx, key, value, prevRev)
+	t.observe("update", start, err)
+	return rev, err
+}
+
+func (t *timedKV) Delete(ctx context.Context, key string, prevRev int64) error {
+	start := time.Now()
+	err := t.kv.Delete(ctx, key, prevRev)
+	t.observe("delete", start, err)
+	return err
+}
