@@ -1,0 +1,314 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Benchmarks run in the e2e harness only when TRELLIS_BENCH=1 (`make
+// bench`): they take minutes and measure, they do not check. With
+// TRELLIS_BENCH_OUT=DIR each writes its tables to DIR as Markdown.
+
+// requireBench skips t unless benchmarks were asked for.
+func requireBench(t *testing.T) {
+	t.Helper()
+	if os.Getenv("TRELLIS_BENCH") != "1" {
+		t.Skip("a benchmark: run with TRELLIS_BENCH=1 (make bench)")
+	}
+}
+
+// benchSeconds is the length of one iperf3 run: TRELLIS_BENCH_SECONDS,
+// default 10.
+func benchSeconds() int {
+	if n, err := strconv.Atoi(os.Getenv("TRELLIS_BENCH_SECONDS")); err == nil && n > 0 && n <= 60 {
+		return n
+	}
+	return 10
+}
+
+// writeBenchOutput writes a benchmark's Markdown to $TRELLIS_BENCH_OUT/name
+// if that is set, and logs it.
+func writeBenchOutput(t *testing.T, name, md string) {
+	t.Helper()
+	t.Logf("%s:\n%s", name, md)
+	dir := os.Getenv("TRELLIS_BENCH_OUT")
+	if dir == "" {
+		return
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, name), []byte(md), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// requireTools skips t unless the programs are installed.
+func requireTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("benchmark needs %q on PATH: %v", tool, err)
+		}
+	}
+}
+
+// iperf3JSON matches the received rate of the whole test in iperf3 -J
+// output ("sum_received": {... "bits_per_second": X ...}).
+var iperf3Received = regexp.MustCompile(`"sum_received":\s*\{[^}]*"bits_per_second":\s*([0-9.e+]+)`)
+
+// iperf3 runs an iperf3 TCP test from namespace ns to dst (where
+// startIperf3 runs a server) with streams parallel streams, and returns
+// the received rate in Gbit/s.
+func iperf3(l *Lab, ns, dst string, streams, seconds int) (float64, error) {
+	var out string
+	// The server may take a moment to listen.
+	err := Poll(10*time.Second, func() error {
+		var err error
+		out, err = l.Output(ns, "iperf3", "-c", dst, "-t", strconv.Itoa(seconds), "-P", strconv.Itoa(streams), "-J")
+		if err != nil && strings.Contains(out+err.Error(), "onnection refused") {
+			return err
+		}
+		if err != nil {
+			return Permanent(err)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("iperf3 -c %s -P %d in %s: %w", dst, streams, ns, err)
+	}
+	m := iperf3Received.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("iperf3 -c %s: no sum_received in its output: %.300s", dst, out)
+	}
+	bps, err := strconv.ParseFloat(m[1], 64)
+	return bps / 1e9, err
+}
+
+var pingRTT = regexp.MustCompile(`= ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms`)
+
+// pingAvg sends 200 pings 5 ms apart from ns to dst and returns the mean
+// round-trip time in milliseconds.
+func pingAvg(l *Lab, ns, dst string) (float64, error) {
+	out, err := l.Output(ns, "ping", "-n", "-q", "-c", "200", "-i", "0.005", dst)
+	if err != nil {
+		return 0, err
+	}
+	m := pingRTT.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("ping %s: no rtt line in %q", dst, out)
+	}
+	return strconv.ParseFloat(m[2], 64)
+}
+
+// offloads lists the offload features ethtool reports on for iface in the
+// process's namespace (or why it cannot tell), and whether the TUN device
+// was opened with IFF_VNET_HDR (`ip -d link`), which wireguard-go does
+// only when it uses TSO/GSO and GRO.
+func offloads(l *Lab, ns, iface string) string {
+	var on []string
+	if out, err := l.Output(ns, "ethtool", "-k", iface); err == nil {
+		for _, f := range []string{"tcp-segmentation-offload", "tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-udp-segmentation", "generic-segmentation-offload", "generic-receive-offload", "rx-gro-list", "rx-udp-gro-forwarding", "tx-checksumming"} {
+			if regexp.MustCompile(`(?m)^\s*` + f + `: on`).MatchString(out) {
+				on = append(on, f)
+			}
+		}
+	} else {
+		on = append(on, "ethtool: "+err.Error())
+	}
+	if out, err := l.Output(ns, "ip", "-d", "link", "show", iface); err == nil {
+		if m := regexp.MustCompile(`vnet_hdr (on|off)`).FindStringSubmatch(out); m != nil {
+			on = append(on, "vnet_hdr "+m[1])
+		}
+	}
+	if len(on) == 0 {
+		return "none"
+	}
+	return strings.Join(on, ", ")
+}
+
+// wireguardGo builds the wireguard-go daemon from the module version in
+// go.mod (the one Trellis embeds).
+func wireguardGo(t *testing.T) string {
+	t.Helper()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "wireguard-go")
+	cmd := exec.Command("go", "build", "-o", bin, "golang.zx2c4.com/wireguard")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build golang.zx2c4.com/wireguard: %v\n%s", err, out)
+	}
+	out, _ := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "golang.zx2c4.com/wireguard").Output()
+	t.Logf("reference daemon: wireguard-go %s", strings.TrimSpace(string(out)))
+	return bin
+}
+
+// wgKeys returns a new private key and its public key from wg.
+func wgKeys(t *testing.T) (string, string) {
+	t.Helper()
+	priv, err := exec.Command("wg", "genkey").Output()
+	if err != nil {
+		t.Fatalf("wg genkey: %v", err)
+	}
+	cmd := exec.Command("wg", "pubkey")
+	cmd.Stdin = strings.NewReader(string(priv))
+	pub, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("wg pubkey: %v", err)
+	}
+	return strings.TrimSpace(string(priv)), strings.TrimSpace(string(pub))
+}
+
+// dpRow is one path of the data-plane table.
+type dpRow struct {
+	path        string
+	one, four   float64 // Gbit/s
+	ping        float64 // ms
+	offloads    string
+	description string
+}
+
+// TestBenchDataPlane measures TCP throughput (iperf3, 1 and 4 streams) and
+// ping latency between two namespaces joined by one veth: (a) over the
+// veth itself, (b) over the reference wireguard-go daemon configured with
+// wg, (c) pod to pod over Trellis (server on one side, agent on the other,
+// pods on the CNI bridge), and (c') node to node over Trellis's WireGuard
+// interface. Same run, same machine.
+func TestBenchDataPlane(t *testing.T) {
+	requireBench(t)
+	requireTools(t, "iperf3", "wg")
+	lab := NewLab(t)
+	secs := benchSeconds()
+	wgGo := wireguardGo(t)
+
+	// Two machines with one veth between them.
+	nsA, nsB := lab.newNamespace("dpa"), lab.newNamespace("dpb")
+	lab.veth(nsA, "eth0", nsB, "eth0")
+	ipA, ipB := "198.18.0.1", "198.18.0.2"
+	lab.must("ip", "-n", nsA, "addr", "add", ipA+"/24", "dev", "eth0")
+	lab.must("ip", "-n", nsB, "addr", "add", ipB+"/24", "dev", "eth0")
+	for _, ns := range []string{nsA, nsB} {
+		lab.sysctl(ns, "net.ipv4.ip_forward", "1")
+	}
+	var rows []dpRow
+	measure := func(path, desc, fromNS, toNS, dst, offl string) dpRow {
+		t.Helper()
+		srv := lab.Start(toNS, "iperf3", "-s")
+		r := dpRow{path: path, description: desc, offloads: offl}
+		var err error
+		if r.ping, err = pingAvg(lab, fromNS, dst); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if r.one, err = iperf3(lab, fromNS, dst, 1, secs); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if r.four, err = iperf3(lab, fromNS, dst, 4, secs); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		if err := srv.Stop(); err != nil {
+			t.Logf("stop iperf3: %v", err)
+		}
+		t.Logf("%s: 1 stream %.2f Gbit/s, 4 streams %.2f Gbit/s, ping %.3f ms; offloads: %s", path, r.one, r.four, r.ping, offl)
+		rows = append(rows, r)
+		return r
+	}
+
+	// (a) The underlay.
+	raw := measure("(a) raw veth", "namespace to namespace over the veth", nsA, nsB, ipB, "")
+
+	// (b) The reference daemon, 10.99.0.0/24 inside, UDP 51900 outside.
+	privA, pubA := wgKeys(t)
+	privB, pubB := wgKeys(t)
+	refA := lab.Start(nsA, "env", "LOG_LEVEL=error", wgGo, "-f", "wgref")
+	refB := lab.Start(nsB, "env", "LOG_LEVEL=error", wgGo, "-f", "wgref")
+	setup := func(p *Proc, priv, peerPub, peerIP, addr, peerAddr string) {
+		t.Helper()
+		keyFile := filepath.Join(lab.TempDir("wgkey"), "key")
+		if err := os.WriteFile(keyFile, []byte(priv+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		WaitFor(t, defaultTimeout, "wireguard-go's UAPI socket in "+p.NS, func() error {
+			if err := p.Err(); err != nil {
+				return err
+			}
+			_, err := p.Nsenter("wg", "show", "wgref")
+			return err
+		})
+		for _, args := range [][]string{
+			{"wg", "set", "wgref", "private-key", keyFile, "listen-port", "51900",
+				"peer", peerPub, "endpoint", peerIP + ":51900", "allowed-ips", peerAddr + "/32"},
+			{"ip", "addr", "add", addr + "/24", "dev", "wgref"},
+			{"ip", "link", "set", "wgref", "mtu", "1420", "up"},
+		} {
+			if out, err := p.Nsenter(args...); err != nil {
+				t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+			}
+		}
+	}
+	setup(refA, privA, pubB, ipB, "10.99.0.1", "10.99.0.2")
+	setup(refB, privB, pubA, ipA, "10.99.0.2", "10.99.0.1")
+	ref := measure("(b) wireguard-go daemon", "wireguard-go + wg, namespace to namespace", nsA, nsB, "10.99.0.2", offloads(lab, nsA, "wgref"))
+	for _, p := range []*Proc{refA, refB} {
+		if err := p.Stop(); err != nil {
+			t.Logf("stop wireguard-go: %v", err)
+		}
+	}
+
+	// (c) Trellis: the server (with its own node) on A, an agent on B.
+	c := newCluster(t, lab)
+	nodeA := &Node{Name: "dpa", NS: nsA, PublicIP: mustAddr(t, ipA), LANIP: mustAddr(t, ipA), lab: lab}
+	nodeB := &Node{Name: "dpb", NS: nsB, PublicIP: mustAddr(t, ipB), LANIP: mustAddr(t, ipB), lab: lab}
+	srv := c.startServer(nodeA)
+	agent := c.startAgent(nodeB)
+	c.attachPod(srv)
+	c.attachPod(agent)
+	WaitFor(t, joinTimeout, "the pods to reach each other", func() error {
+		if err := srv.pod.Ping(agent.pod.IP); err != nil {
+			return err
+		}
+		return agent.pod.Ping(srv.pod.IP)
+	})
+	nodes := c.waitNodes(srv, agent)
+	trOffl := offloads(lab, nsA, wgIface)
+	pod := measure("(c) Trellis, pod to pod", "pod → cni0 → trellis-wg → veth → trellis-wg → cni0 → pod", srv.pod.NS, agent.pod.NS, agent.pod.IP.String(), trOffl)
+	// The agent's node holds the first address of its pod CIDR.
+	bWG := nodes[agent.Name].PodCIDRs[0].Addr().Next().String()
+	node := measure("(c') Trellis, node to node", "namespace to namespace over trellis-wg", nsA, nsB, bWG, trOffl)
+
+	var b strings.Builder
+	fmt.Fprintf(&b, "iperf3 %d s per run, TCP; ping: 200 × 5 ms, idle link.\n\n", secs)
+	b.WriteString("| path | 1 stream Gbit/s | 4 streams Gbit/s | ping avg ms | TUN offloads on |\n|---|---:|---:|---:|---|\n")
+	for _, r := range rows {
+		offl := r.offloads
+		if offl == "" {
+			offl = "n/a"
+		}
+		fmt.Fprintf(&b, "| %s | %.2f | %.2f | %.3f | %s |\n", r.path, r.one, r.four, r.ping, offl)
+	}
+	b.WriteString("\n| ratio | 1 stream | 4 streams | added latency vs (a) |\n|---|---:|---:|---:|\n")
+	for _, r := range []dpRow{ref, pod, node} {
+		fmt.Fprintf(&b, "| %s / (a) | %.2f | %.2f | +%.3f ms |\n", r.path[:strings.Index(r.path, ")")+1], r.one/raw.one, r.four/raw.four, r.ping-raw.ping)
+	}
+	for _, r := range []dpRow{pod, node} {
+		fmt.Fprintf(&b, "| %s / (b) | %.2f | %.2f | %+.3f ms vs (b) |\n", r.path[:strings.Index(r.path, ")")+1], r.one/ref.one, r.four/ref.four, r.ping-ref.ping)
+	}
+	writeBenchOutput(t, "dataplane.md", b.String())
+}
+
+func mustAddr(t *testing.T, s string) netip.Addr {
+	t.Helper()
+	return mustPrefix(t, s+"/32").Addr()
+}
