@@ -20,5 +20,9 @@ unit:
 e2e:
 	$(GO) test -tags e2e -count=1 -v ./e2e/...
 
+# Every benchmark, with progress, results in docs/bench (docs/benchmarks.md).
+bench:
+	./scripts/bench.sh
+
 clean:
 	rm -rf bin

@@ -1,0 +1,61 @@
+#!/bin/sh
+# Runs every Trellis benchmark on this machine and writes the results to
+# $OUT (default docs/bench): machine.md, dataplane.md, join.md,
+# convergence.log, loadgen.{json,md,png}. Needs root (network namespaces)
+# for the data plane and convergence parts; iperf3, wg and ethtool.
+#
+#   make bench                          # everything (about 30-60 minutes)
+#   BENCH_AGENTS=100,1000 make bench    # smaller control-plane runs
+#   BENCH_ONLY=loadgen make bench       # one part: machine, dataplane, join, convergence, loadgen
+set -eu
+cd "$(dirname "$0")/.."
+OUT=${OUT:-docs/bench}
+AGENTS=${BENCH_AGENTS:-100,1000,5000}
+ONLY=${BENCH_ONLY:-}
+mkdir -p "$OUT" bin
+step() { printf '\n==> %s  (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+
+step "build bin/trellis and bin/trellis-loadgen"
+CGO_ENABLED=0 go build -trimpath -o bin/trellis ./cmd/trellis
+go build -o bin/trellis-loadgen ./cmd/trellis-loadgen
+
+if want machine; then
+	step "machine -> $OUT/machine.md"
+	{
+		echo "| | |"
+		echo "|---|---|"
+		echo "| CPU | $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) CPUs |"
+		echo "| memory | $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) |"
+		echo "| kernel | $(uname -sr) |"
+		echo "| Go | $(go version | cut -d' ' -f3-) |"
+		echo "| iperf3 | $(iperf3 --version 2>/dev/null | head -1 | cut -d' ' -f1-2) |"
+		echo "| commit | $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)') |"
+		echo "| date | $(date -u +%Y-%m-%dT%H:%MZ) |"
+	} >"$OUT/machine.md"
+	cat "$OUT/machine.md"
+fi
+
+export TRELLIS_BENCH=1 TRELLIS_BENCH_OUT="$PWD/$OUT" TRELLIS_E2E_BINARY="$PWD/bin/trellis"
+if want dataplane; then
+	step "data plane: raw veth, wireguard-go daemon, Trellis (iperf3, ping) -> $OUT/dataplane.md"
+	go test -tags e2e -count=1 -timeout 20m -run '^TestBenchDataPlane$' -v ./e2e 2>&1 | grep -E '^\s*(bench_test|---|ok|FAIL|PASS)' || true
+	cat "$OUT/dataplane.md"
+fi
+if want join; then
+	step "convergence: ${TRELLIS_BENCH_NODES:-20}-node join -> first packet to every peer -> $OUT/join.md"
+	go test -tags e2e -count=1 -timeout 20m -run '^TestBenchJoin$' -v ./e2e 2>&1 | grep -E '^\s*(---|ok|FAIL|PASS)' || true
+	cat "$OUT/join.md"
+fi
+if want convergence; then
+	step "convergence: what the e2e tests measure (3-node join, restarts, IP change, relay loss, delete) -> $OUT/convergence.log"
+	go test -tags e2e -count=1 -timeout 20m -run '^(TestMulticloudMesh|TestNATRelaysAndDynamicIPs)$' -v ./e2e >"$OUT/e2e.log" 2>&1 || echo "(some e2e tests failed; see $OUT/e2e.log)"
+	grep -E 'measured:|removed .* peer|→ .* [0-9.]+s$|^\s*(first start|agent restart|server restart|join \(4th node\))' "$OUT/e2e.log" | sed 's/^ *//' >"$OUT/convergence.log" || true
+	rm -f "$OUT/e2e.log"
+	cat "$OUT/convergence.log"
+fi
+if want loadgen; then
+	step "control plane: $AGENTS virtual agents against one server -> $OUT/loadgen.{json,md,png}"
+	bin/trellis-loadgen -trellis bin/trellis -agents "$AGENTS" -phase-timeout 10m -out "$OUT"
+fi
+step "done: results in $OUT"
