@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/trellis-mesh/trellis/internal/agent"
 	"github.com/trellis-mesh/trellis/internal/cli"
@@ -31,12 +30,13 @@ const usage = `trellis builds one cluster network out of machines in different c
 Usage:
   trellis server [flags]          run a server (and its own node unless --disable-agent)
   trellis agent --server URL --token TOKEN [flags]
-  trellis nodes [-o table|json]   list nodes (reads the admin config)
-  trellis status NODE [-o table|json]  a node's own view (tunnel, WireGuard peers), through its tunnel
+  trellis nodes [-o table|wide|json|yaml] [--watch]  list nodes (reads the admin config)
+  trellis check [-o table|json|yaml]  every node pings every other: an N×N matrix of RTTs or why a pair fails
+  trellis status [NODE] [-o table|json]  a node's own view (server, tunnel, WireGuard peers, MTU); without NODE, this host's agent
   trellis proxy NODE PORT [--listen ADDR:PORT]  carry local connections to 127.0.0.1:PORT on NODE
   trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
-  trellis cleanup [--data-dir D]  withdraw the routes this node added to its VPN (--vpn-auth)
+  trellis cleanup [--data-dir D]  remove what this node's agent created (interface, routes, bridge, CNI config, VPN routes); also: uninstall, agent --cleanup
   trellis token create [--ttl D]  make a join token for agents (also: list, revoke ID, rotate)
   trellis version
 
@@ -74,7 +74,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	case "status":
 		return runStatus(ctx, args[1:], stdout, stderr, getenv)
 	case "nodes":
-		return runNodes(ctx, args[1:], stdout, stderr, getenv)
+		return runNodesCmd(ctx, args[1:], stdout, stderr, getenv)
+	case "check":
+		return runCheck(ctx, args[1:], stdout, stderr, getenv)
 	case "paths":
 		return runPaths(ctx, args[1:], stdout, stderr, getenv)
 	case "token":
@@ -84,7 +86,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 			return errors.New("usage: trellis node delete NAME")
 		}
 		return runNodeDelete(ctx, args[2:], stdout, stderr, getenv)
-	case "cleanup":
+	case "cleanup", "uninstall":
 		return runCleanup(ctx, args[1:], stderr, getenv)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "trellis", version)
@@ -117,6 +119,8 @@ type nodeFlags struct {
 	relay          bool
 	vpn            vpnFlags
 	withNodeID     bool
+	metricsAddr    string
+	cleanup        bool
 	serverURL      *string // agent only
 }
 
@@ -139,6 +143,8 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
 	n.vpn.register(fs)
 	fs.BoolVar(&n.withNodeID, "with-node-id", false, "append a random id, kept in the data dir, to the node name (for machines that share a host name)")
+	registerMetricsFlag(fs, &n.metricsAddr)
+	fs.BoolVar(&n.cleanup, "cleanup", false, "do not run: remove what this node's agent created (WireGuard interface, routes, pod bridge, CNI config, VPN routes) and exit; stop the service first")
 }
 
 // parse parses args, then settles unset flags from env and config files.
@@ -273,6 +279,9 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	if err := parse(fs, args, getenv, &n.config); err != nil {
 		return err
 	}
+	if n.cleanup {
+		return cleanupNode(ctx, n, stderr)
+	}
 	log, err := newLogger(stderr, n.logLevel, n.logFormat)
 	if err != nil {
 		return err
@@ -307,6 +316,15 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		return err
 	}
 	defer srv.Close()
+	agentMetrics := processRegistry()
+	stopMetrics, err := startMetrics(ctx, n.metricsAddr, log, agentMetrics, srv.Metrics())
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	if n.metricsAddr != "" {
+		ac.Metrics = agentMetrics
+	}
 	if sf.disableAgent {
 		<-ctx.Done()
 		return nil
@@ -343,6 +361,9 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(
 	if err := parse(fs, args, getenv, &n.config); err != nil {
 		return err
 	}
+	if n.cleanup {
+		return cleanupNode(ctx, n, stderr)
+	}
 	log, err := newLogger(stderr, n.logLevel, n.logFormat)
 	if err != nil {
 		return err
@@ -355,6 +376,15 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(
 		return err
 	}
 	ac.ServerURL = strings.TrimSuffix(*n.serverURL, "/")
+	if n.metricsAddr != "" {
+		reg := processRegistry()
+		stopMetrics, err := startMetrics(ctx, n.metricsAddr, log, reg)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+		ac.Metrics = reg
+	}
 	ac.Reload = watchReload(ctx, log, rereadExternalIPs(build, args, getenv))
 	err = agent.Run(ctx, ac)
 	if errors.Is(err, agent.ErrDeleted) {
@@ -366,28 +396,6 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(
 
 func adminFlags(fs *flag.FlagSet) *string {
 	return fs.String("admin-config", cli.DefaultAdminConfig, "admin config written by the server (TRELLIS_ADMIN_CONFIG)")
-}
-
-func runNodes(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
-	fs := flag.NewFlagSet("nodes", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	adminConfig := adminFlags(fs)
-	output := fs.String("o", "table", "output format: table or json")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := settle(fs, getenv, nil); err != nil {
-		return err
-	}
-	c, err := cli.Load(*adminConfig)
-	if err != nil {
-		return err
-	}
-	nodes, err := c.Nodes(ctx)
-	if err != nil {
-		return err
-	}
-	return cli.PrintNodes(stdout, nodes, *output, time.Now())
 }
 
 func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {

@@ -115,15 +115,19 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer, get
 	fs.SetOutput(stderr)
 	adminConfig := adminFlags(fs)
 	output := fs.String("o", "table", "output format: table or json")
+	statusPort := statusPortFlag(fs)
 	pos, err := splitArgs(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 1 {
-		return errors.New("usage: trellis status NODE [-o table|json]")
+	if len(pos) > 1 {
+		return errors.New("usage: trellis status [NODE] [-o table|json] (without NODE: the agent on this host)")
 	}
 	if err := settle(fs, getenv, nil); err != nil {
 		return err
+	}
+	if len(pos) == 0 {
+		return runLocalStatus(ctx, stdout, *statusPort, *output)
 	}
 	c, err := cli.Load(*adminConfig)
 	if err != nil {

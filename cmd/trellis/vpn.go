@@ -82,13 +82,16 @@ func startVPN(ctx context.Context, ac *agent.Config, sc *server.Config) error {
 	return nil
 }
 
-// runCleanup withdraws what a node added to its VPN: the pod CIDR routes it
-// advertised (not the routes advertised otherwise) and its kernel routes
-// to the VPN interface. Run it when uninstalling a node.
+// runCleanup removes what this node's agent created: the routes it
+// advertised through its VPN (not the routes advertised otherwise) and its
+// kernel routes to the VPN interface, its WireGuard interface and routes,
+// its pod bridge and its CNI config. Run it when uninstalling a node.
 func runCleanup(ctx context.Context, args []string, stderr io.Writer, getenv func(string) string) error {
 	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dataDir := fs.String("data-dir", "/var/lib/trellis", "the node's data directory")
+	cniConfDir := fs.String("cni-conf-dir", "/etc/cni/net.d", "directory of the node's CNI network config")
+	statusPort := statusPortFlag(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -99,11 +102,5 @@ func runCleanup(ctx context.Context, args []string, stderr io.Writer, getenv fun
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
-	// Withdrawing needs no join key: the provider is only asked to change
-	// the advertised routes.
-	p, err := tailscale.New(tailscale.Config{Auth: vpn.Auth{Name: "tailscale"}, Logger: log})
-	if err != nil {
-		return err
-	}
-	return agent.CleanupVPN(ctx, *dataDir, p, log)
+	return runNodeCleanup(ctx, *dataDir, *cniConfDir, *statusPort, log)
 }

@@ -131,33 +131,10 @@ func (c *Client) DeleteNode(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, api.PathNodes+"/"+name, nil)
 }
 
-// PrintNodes writes nodes as a table ("" or "table") or JSON ("json").
+// PrintNodes writes nodes as a table ("" or "table"), JSON ("json") or
+// YAML ("yaml"), without colour; see PrintNodeList for the other options.
 func PrintNodes(w io.Writer, nodes []api.Node, format string, now time.Time) error {
-	switch format {
-	case "json":
-		if nodes == nil {
-			nodes = []api.Node{}
-		}
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		return enc.Encode(nodes)
-	case "", "table":
-		tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tROLES\tREADY\tTUNNEL\tINTERNAL-IP\tEXTERNAL-IP\tPOD-CIDR\tAGE")
-		for _, n := range nodes {
-			ready := "False"
-			if n.Ready {
-				ready = "True"
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, orNone(strings.Join(n.Roles, ",")), ready, TunnelColumn(n.Tunnel, now),
-				orNone(joinAddrs(n.InternalIPs)), orNone(joinAddrs(n.ExternalIPs)), orNone(joinPrefixes(n.PodCIDRs)), Age(now.Sub(n.CreatedAt)))
-		}
-		if err := tw.Flush(); err != nil {
-			return err
-		}
-		return printVPN(w, nodes)
-	}
-	return fmt.Errorf("unknown output format %q: use table or json", format)
+	return PrintNodeList(w, nodes, NodeListOptions{Format: format, Now: now})
 }
 
 func orNone(s string) string {
