@@ -27,6 +27,17 @@ else
 fi
 
 step "unit and namespace tests (-race)"
+# The store conformance suite runs against PostgreSQL too when one can be
+# started here (root and Debian's postgresql package); external etcd runs
+# in-process always.
+if [ -z "${TRELLIS_TEST_POSTGRES_DSN:-}" ] && [ "$(id -u)" = 0 ] && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  if dsn=$(scripts/start-postgres.sh 2>/tmp/trellis-postgres.log); then
+    export TRELLIS_TEST_POSTGRES_DSN="$dsn"
+    trap 'scripts/start-postgres.sh stop' EXIT
+  else
+    echo "PostgreSQL did not start (/tmp/trellis-postgres.log); its conformance run is skipped"
+  fi
+fi
 go test -race -count=1 -timeout 20m ./...
 
 step "fuzzers (${FUZZTIME:-5s} each)"

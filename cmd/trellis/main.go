@@ -86,6 +86,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 			return errors.New("usage: trellis node delete NAME")
 		}
 		return runNodeDelete(ctx, args[2:], stdout, stderr, getenv)
+	case "datastore":
+		return runDatastore(ctx, args[1:], stdout, stderr, getenv)
 	case "cleanup", "uninstall":
 		return runCleanup(ctx, args[1:], stderr, getenv)
 	case "version", "--version":
@@ -255,6 +257,7 @@ type serverFlags struct {
 	flannelExternal bool
 	datastore       string
 	agentToken      string
+	ha              haFlags // ha.go
 }
 
 func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
@@ -270,6 +273,7 @@ func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
 	fs.BoolVar(&sf.flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
 	fs.StringVar(&sf.datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
 	fs.StringVar(&sf.agentToken, "agent-token", "", "a second join token that joins agents only")
+	sf.ha.register(fs)
 	return fs, &n, &sf
 }
 
@@ -301,7 +305,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	sc := server.Config{
 		DataDir: n.dataDir, NodeName: ac.NodeName, Port: sf.port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
 		TLSSANs: sf.tlsSANs, ClusterCIDRs: cidrs, ForceExternal: sf.flannelExternal, Token: tok,
-		DatastoreEndpoint: sf.datastore, Logger: log, AgentToken: sf.agentToken,
+		DatastoreEndpoint: sf.datastore, Logger: log, AgentToken: sf.agentToken, HA: sf.ha.config(),
 	}
 	if sf.bind != "" {
 		if sc.BindAddress, err = parseAddr("bind-address", sf.bind); err != nil {
@@ -330,6 +334,7 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		return nil
 	}
 	ac.ServerURL, ac.Token = srv.URL(), srv.Token()
+	ac.ServerAliases = []string{srv.AdvertiseURL()}
 	build := func() (*flag.FlagSet, *nodeFlags) { fs, n, _ := newServerFlags(); return fs, n }
 	ac.Reload = watchReload(ctx, log, rereadExternalIPs(build, args, getenv))
 	err = agent.Run(ctx, ac)

@@ -46,6 +46,7 @@ type Agent struct {
 	kick     chan struct{}          // restarts the netmap stream (addresses changed)
 
 	tunnelState tunnelStatus // the tunnel client once it runs (status.go)
+	servers     *serverList  // every server; API calls go to the current one (servers.go)
 
 	vpn     *vpnCarrier  // the VPN carrier (--vpn-auth); nil with WireGuard
 	members []api.Member // cluster nodes at the last join (for the VPN carrier)
@@ -90,6 +91,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if a.id, err = loadOrCreateIdentity(&a.cfg); err != nil {
 		return err
 	}
+	a.servers = newServerList(a.cfg.dir(serversFile), a.cfg.ServerURL, a.cfg.ServerAliases, a.log)
 	if err := a.vpnUp(ctx); err != nil {
 		return err
 	}
@@ -210,6 +212,7 @@ func (a *Agent) joinUntilDone(ctx context.Context) (*apiClient, error) {
 			return nil, ctx.Err()
 		}
 		wl.failed(err)
+		a.servers.next() // try another server next time
 		if err := sleep(ctx, backoff(n)); err != nil {
 			return nil, err
 		}
@@ -217,7 +220,8 @@ func (a *Agent) joinUntilDone(ctx context.Context) (*apiClient, error) {
 }
 
 func (a *Agent) join(ctx context.Context) (*apiClient, error) {
-	ca, err := fetchCA(ctx, a.cfg.ServerURL, a.tok)
+	srv := a.servers.current()
+	ca, err := fetchCA(ctx, srv, a.tok)
 	if err != nil {
 		return nil, err
 	}
@@ -244,7 +248,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		req.ListenPort = uint16(a.cfg.WireGuard.ListenPort)
 	}
 	start := time.Now()
-	boot := newAPIClient(a.cfg.ServerURL, ca, nil)
+	boot := newAPIClient(srv, ca, nil)
 	jr, err := boot.join(ctx, a.tok.String(), req)
 	boot.close()
 	if err != nil {
@@ -261,12 +265,13 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		return nil, err
 	}
 	a.self, a.cidrs, a.members = jr.Node, jr.ClusterCIDRs, jr.Members
-	a.log.Info("joined the cluster", "server", a.cfg.ServerURL, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
+	a.servers.update(jr.Servers)
+	a.log.Info("joined the cluster", "server", srv, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
 	a.metrics.joined(time.Since(start))
 	if err := a.setupDataPlane(); err != nil {
 		return nil, &permanentError{apiErr: api.Error{Message: err.Error()}}
 	}
-	c := newAPIClient(a.cfg.ServerURL, ca, &cert)
+	c := newAPIClient(srv, ca, &cert)
 	a.mu.Lock()
 	a.client = c
 	a.mu.Unlock()
@@ -344,8 +349,9 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 		err := c.streamNetmaps(sctx, func(nm api.NetMap) {
 			if !connected {
 				connected, n = true, 0
-				a.log.Info("netmap stream connected", "server", a.cfg.ServerURL)
+				a.log.Info("netmap stream connected", "server", c.base)
 			}
+			a.servers.update(nm.Servers)
 			a.apply(nm)
 		})
 		kicked := sctx.Err() != nil && ctx.Err() == nil
@@ -359,8 +365,9 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 			connected = false
 			continue
 		}
+		lost := connected
 		if connected {
-			a.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "err", err)
+			a.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "server", c.base, "err", err)
 			connected = false
 		}
 		var pe *permanentError
@@ -376,6 +383,10 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 			return err
 		}
 		wl.failed(err)
+		c = a.failover(c)
+		if lost {
+			continue // another server at once; back off only if it fails too
+		}
 		if err := sleep(ctx, backoff(n)); err != nil {
 			return nil
 		}

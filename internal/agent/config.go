@@ -22,6 +22,10 @@ import (
 type Config struct {
 	// ServerURL is the supervisor, e.g. https://198.51.100.10:6443.
 	ServerURL string
+	// ServerAliases are other URLs of the server at ServerURL (a server's
+	// own node reaches it on loopback, and the cluster announces it at
+	// its address): the agent keeps one tunnel to it, not two.
+	ServerAliases []string
 	// Token is the join token (K10<ca-hash>::server:<secret>, or the bare
 	// secret, which does not pin the CA).
 	Token string

@@ -55,15 +55,19 @@ func (a *Agent) startSupervisor(ctx context.Context) (stop func(), err error) {
 			}
 		})
 	}
-	tc, err := tunnel.NewClient(tunnel.ClientConfig{
-		ServerURL:  a.cfg.ServerURL,
-		NodeName:   a.cfg.NodeName,
-		TLSConfig:  a.tunnelTLS,
-		StatusPort: statusPort,
-		AllowPorts: a.cfg.TunnelAllowPorts,
-		Logger:     a.log,
-	})
-	if err != nil {
+	// One tunnel per server (servers.go); the first is made here so that
+	// a bad configuration fails the start.
+	newClient := func(serverURL string) (*tunnel.Client, error) {
+		return tunnel.NewClient(tunnel.ClientConfig{
+			ServerURL:  serverURL,
+			NodeName:   a.cfg.NodeName,
+			TLSConfig:  a.tunnelTLS,
+			StatusPort: statusPort,
+			AllowPorts: a.cfg.TunnelAllowPorts,
+			Logger:     a.log,
+		})
+	}
+	if _, err := newClient(a.cfg.ServerURL); err != nil {
 		cancel()
 		if srv != nil {
 			_ = srv.Close()
@@ -71,8 +75,7 @@ func (a *Agent) startSupervisor(ctx context.Context) (stop func(), err error) {
 		wg.Wait()
 		return nil, err
 	}
-	a.tunnelState.Store(tc)
-	wg.Go(func() { _ = tc.Run(ctx) })
+	wg.Go(func() { a.runTunnels(ctx, newClient) })
 	return func() {
 		cancel()
 		if srv != nil {

@@ -46,6 +46,8 @@ type Config struct {
 	// Listener, if set, is used instead of listening on BindAddress:Port
 	// (tests pass a loopback listener on a free port).
 	Listener net.Listener
+	// HA holds the settings of highly available servers (ha.go).
+	HA HAConfig
 }
 
 // Validate fills in defaults and checks the values.

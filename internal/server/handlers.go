@@ -42,6 +42,7 @@ func (s *Server) Handler() http.Handler {
 	s.tokenRoutes(mux)
 	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
 	s.tunnelRoutes(mux)
+	s.haRoutes(mux)
 	return mux
 }
 
@@ -181,7 +182,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	roles := []string{api.RoleAgent}
-	if req.NodeName == s.cfg.NodeName {
+	if req.NodeName == s.cfg.NodeName || (kind == token.KindServer && s.isServerName(r.Context(), req.NodeName)) {
 		if kind != token.KindServer {
 			writeError(w, http.StatusForbidden, api.ErrCodeForbidden, fmt.Sprintf("%q is a server's node name; joining as a server needs the server token", req.NodeName))
 			return
@@ -212,7 +213,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("node joined", "node", rec.Name, "source", src, "podCIDRs", joinPrefixes(rec.PodCIDRs), "took", time.Since(start).Round(time.Millisecond))
-	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: s.hub.members(rec.Node)})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: s.hub.members(rec.Node), Servers: s.hub.serverURLs()})
 }
 
 func maskAll(ps []netip.Prefix) []netip.Prefix {
@@ -276,6 +277,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	done := s.hub.connected(name, time.Now())
 	defer done()
+	defer s.announceReady(r.Context(), name)()
 	s.log.Debug("netmap stream opened", "node", name)
 	defer s.log.Debug("netmap stream closed", "node", name)
 
@@ -291,6 +293,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	for {
 		nodes, view, version, changed := s.hub.snapshot()
 		nm, ok := s.hub.netmapFor(name, nodes, view, version)
+		nm.Servers = s.hub.serverURLs()
 		if !ok && sent {
 			return // the node was deleted: the agent will learn why on reconnect
 		}
@@ -353,6 +356,7 @@ func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Info("node deleted", "node", name, "podCIDRs", joinPrefixes(rec.PodCIDRs))
 	s.forgetTunnel(name)
+	s.forgetServer(r.Context(), name)
 	writeJSON(w, http.StatusOK, rec.Node)
 }
 

@@ -26,6 +26,8 @@ type hub struct {
 	changed chan struct{}          // guarded by mu; closed on change
 	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
 	seen    map[string]int64       // guarded by mu; version each node's stream last computed
+	remote  map[string]string      // guarded by mu; nodes with a stream on any server (ha.go)
+	servers []string               // guarded by mu; every server's URL (ha.go)
 }
 
 type streamInfo struct {
@@ -79,7 +81,7 @@ func (h *hub) publishLocked() {
 	nodes := make([]api.Node, 0, len(names))
 	for _, n := range names {
 		node := h.records[n].Node
-		node.Ready = h.streams[n] != nil
+		node.Ready = h.streams[n] != nil || h.remote[n] != ""
 		nodes = append(nodes, node)
 	}
 	h.nodes = nodes

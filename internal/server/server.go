@@ -81,6 +81,10 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := os.MkdirAll(cfg.dir(), 0o700); err != nil {
 		return nil, fmt.Errorf("create server data dir: %w", err)
 	}
+	join, err := s.prepareHA(ctx)
+	if err != nil {
+		return nil, err
+	}
 	if s.ca, err = pki.LoadOrCreateCA(cfg.dir("tls")); err != nil {
 		return nil, fmt.Errorf("cluster CA: %w", err)
 	}
@@ -104,7 +108,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
-	if s.store, err = store.Open(ctx, store.Config{DataDir: cfg.dir(), Endpoint: cfg.DatastoreEndpoint, Logger: s.log}); err != nil {
+	emb, err := s.embeddedConfig(join)
+	if err != nil {
+		return nil, err
+	}
+	if s.store, err = store.Open(ctx, store.Config{DataDir: cfg.dir(), Endpoint: cfg.DatastoreEndpoint, Embedded: emb, Logger: s.log}); err != nil {
 		return nil, fmt.Errorf("open datastore: %w", err)
 	}
 	s.reg = &registry{kv: s.metrics.timed(s.store), clusterCIDRs: cfg.ClusterCIDRs, now: time.Now}
@@ -174,6 +182,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		defer s.wg.Done()
 		s.watch(runCtx, rev)
 	}()
+	if err := s.startHA(runCtx); err != nil {
+		return nil, err
+	}
 	s.log.Info("server listening", "url", "https://"+ln.Addr().String(), "node", cfg.NodeName,
 		"clusterCIDR", joinPrefixes(cfg.ClusterCIDRs), "token", cfg.dir("token"), "adminConfig", cfg.dir("admin.yaml"))
 	return s, nil

@@ -47,6 +47,11 @@ type Config struct {
 	//	"http://host:2379,https://host2:2379"  an external etcd cluster, used directly
 	Endpoint string
 
+	// Embedded, if set, runs an etcd member in the process and uses it
+	// (--cluster-init and the servers that join it). Endpoint must then be
+	// empty.
+	Embedded *Embedded
+
 	// TLS is the client TLS configuration for https:// etcd endpoints.
 	// nil means TLS with the system roots and no client certificate.
 	TLS *tls.Config
@@ -83,6 +88,7 @@ const (
 	backendSQLite backend = iota + 1
 	backendPostgres
 	backendEtcd
+	backendEmbedded
 )
 
 func (b backend) String() string {
@@ -93,6 +99,8 @@ func (b backend) String() string {
 		return "kine+postgres"
 	case backendEtcd:
 		return "etcd"
+	case backendEmbedded:
+		return "embedded-etcd"
 	}
 	return "unknown"
 }
@@ -101,6 +109,12 @@ func (b backend) String() string {
 // can act on.
 func (c *Config) backend() (backend, error) {
 	ep := strings.TrimSpace(c.Endpoint)
+	if c.Embedded != nil {
+		if ep != "" {
+			return 0, errors.New("store: an embedded etcd member (--cluster-init, or joining a server that runs one) and --datastore-endpoint exclude each other: choose one")
+		}
+		return backendEmbedded, nil
+	}
 	if ep == "" {
 		return backendSQLite, nil
 	}
@@ -133,6 +147,11 @@ func (c *Config) Validate() error {
 	b, err := c.backend()
 	if err != nil {
 		return err
+	}
+	if b == backendEmbedded {
+		if err := c.Embedded.validate(); err != nil {
+			return err
+		}
 	}
 	if b == backendSQLite && c.DataDir == "" {
 		return errors.New("store: DataDir is required for the default SQLite datastore")
@@ -182,6 +201,8 @@ type Store struct {
 	cfg    Config
 	client *clientv3.Client
 	kine   *kineServer // nil for external etcd
+	// embedded is the etcd member the store runs; nil for other backends.
+	embedded *embeddedEtcd
 
 	compacted atomic.Int64 // highest revision this store compacted to
 
@@ -225,6 +246,15 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		}
 		s.kine = k
 		endpoints = []string{k.endpoint}
+	case backendEmbedded:
+		e, err := startEmbedded(ctx, cfg, log)
+		if err != nil {
+			s.cancel()
+			return nil, err
+		}
+		s.embedded = e
+		endpoints = []string{e.endpoint}
+		tlsConfig = e.clientTLS
 	case backendEtcd:
 		for _, e := range strings.Split(cfg.Endpoint, ",") {
 			e = strings.TrimSpace(e)
@@ -253,7 +283,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := s.ping(ctx); err != nil {
 		_ = s.Close()
 		where := "in " + cfg.DataDir
-		if b != backendSQLite {
+		if b == backendEmbedded {
+			where = "in " + cfg.Embedded.Dir
+		} else if b != backendSQLite {
 			where = "at " + redact(cfg.Endpoint)
 		}
 		return nil, fmt.Errorf("store: the %s datastore %s does not answer (check the datastore endpoint and that it is running): %w", b, where, err)
@@ -329,6 +361,9 @@ func (s *Store) Close() error {
 
 func (s *Store) stopBackend() error {
 	s.cancel()
+	if s.embedded != nil {
+		s.embedded.close()
+	}
 	if s.kine == nil {
 		return nil
 	}

@@ -1,0 +1,230 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+)
+
+// startHAServer starts a server on n with embedded etcd: the first with
+// --cluster-init, the others joining join (an existing server's LAN
+// address) with the first server's full token.
+func (c *cluster) startHAServer(n *Node, join *member) *member {
+	c.t.Helper()
+	m := c.newMember(n, api.RoleServer)
+	args := append([]string{c.bin, "server"}, m.nodeArgs()...)
+	args = append(args, "--flannel-backend=wireguard-native", "--flannel-external-ip",
+		"--cluster-cidr", clusterCIDR, "--https-listen-port", "6443")
+	if join == nil {
+		args = append(args, "--cluster-init", "--token", serverSecret)
+	} else {
+		args = append(args, "--server", "https://"+netip.AddrPortFrom(join.LANIP, 6443).String(), "--token", c.token)
+	}
+	m.proc = n.Start(args...)
+	tokenFile := filepath.Join(m.dataDir, "server", "token")
+	WaitFor(c.t, joinTimeout, n.Name+" to write its join token (embedded etcd up)", func() error {
+		if err := m.proc.Err(); err != nil {
+			return err
+		}
+		b, err := os.ReadFile(tokenFile)
+		if err != nil {
+			return err
+		}
+		tok := strings.TrimSpace(string(b))
+		if c.token != "" && tok != c.token {
+			return Permanent(fmt.Errorf("%s has token %q, want the first server's %q (one CA, one secret)", n.Name, tok, c.token))
+		}
+		c.token = tok
+		return nil
+	})
+	if c.server == nil {
+		c.server = m
+	}
+	return m
+}
+
+// startAgentVia starts an agent on n that joins through server s.
+func (c *cluster) startAgentVia(n *Node, s *member) *member {
+	c.t.Helper()
+	m := c.newMember(n, api.RoleAgent)
+	args := append([]string{c.bin, "agent",
+		"--server", "https://" + netip.AddrPortFrom(s.PublicIP, 6443).String(),
+		"--token", c.token}, m.nodeArgs()...)
+	m.proc = n.Start(args...)
+	return m
+}
+
+// waitListed waits until `trellis nodes` (through c.server) lists exactly
+// ms, with those in ready ready.
+func (c *cluster) waitListed(timeout time.Duration, ms []*member, ready []*member) map[string]api.Node {
+	c.t.Helper()
+	var want, wantReady []string
+	for _, m := range ms {
+		want = append(want, m.Name)
+	}
+	for _, m := range ready {
+		wantReady = append(wantReady, m.Name)
+	}
+	slices.Sort(want)
+	var nodes map[string]api.Node
+	WaitFor(c.t, timeout, fmt.Sprintf("trellis nodes to list %v with %v ready", want, wantReady), func() error {
+		var err error
+		if nodes, err = c.nodes(); err != nil {
+			return err
+		}
+		var got, notReady []string
+		for name := range nodes {
+			got = append(got, name)
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			return fmt.Errorf("listed %v", got)
+		}
+		for _, r := range wantReady {
+			if !nodes[r].Ready {
+				notReady = append(notReady, r)
+			}
+		}
+		if len(notReady) > 0 {
+			return fmt.Errorf("not ready: %v", notReady)
+		}
+		return nil
+	})
+	return nodes
+}
+
+// TestHAServers: three servers with embedded etcd in one location (one
+// LAN, public addresses in one subnet), agents in two clouds. The server
+// the agents use is killed: pods keep reaching each other, the agents
+// move to another server, a new agent joins through a survivor, and no
+// node record is lost; the killed server restarts and catches up.
+func TestHAServers(t *testing.T) {
+	lab := NewLab(t)
+	c := newCluster(t, lab)
+
+	s1 := lab.Cloud("srv1", "198.51.100.11/24", "10.10.0.11/24")
+	s2 := lab.Machine("srv2", "198.51.100.12/24", s1.LAN, "10.10.0.12/24")
+	s3 := lab.Machine("srv3", "198.51.100.13/24", s1.LAN, "10.10.0.13/24")
+	a1 := lab.Cloud("a1", "192.0.2.21/24", "10.20.0.21/24")
+	b1 := lab.Cloud("b1", "203.0.113.31/24", "10.30.0.31/24")
+	a2 := lab.Machine("a2", "192.0.2.22/24", a1.LAN, "10.20.0.22/24")
+
+	start := time.Now()
+	srv1 := c.startHAServer(s1, nil)
+	srv2 := c.startHAServer(s2, srv1)
+	srv3 := c.startHAServer(s3, srv1)
+	t.Logf("measured: three servers with embedded etcd up in %v", time.Since(start).Round(time.Millisecond))
+	ag1 := c.startAgentVia(a1, srv1)
+	ag2 := c.startAgentVia(b1, srv1)
+	all := []*member{srv1, srv2, srv3, ag1, ag2}
+	nodes := c.waitListed(joinTimeout, all, all)
+	for _, s := range []*member{srv1, srv2, srv3} {
+		if n := nodes[s.Name]; !n.HasRole(api.RoleServer) {
+			t.Errorf("%s has roles %v, want server", s.Name, nodes[s.Name].Roles)
+		}
+	}
+	for _, m := range all {
+		c.attachPod(m)
+	}
+	c.checkPods("before the kill", all, all, meshTimeout)
+
+	// Every agent learns every server, and remembers them.
+	for _, m := range []*member{ag1, ag2} {
+		path := filepath.Join(m.dataDir, "agent", "servers.json")
+		WaitFor(t, 30*time.Second, m.Name+" to remember three servers in "+path, func() error {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			var urls []string
+			if err := json.Unmarshal(b, &urls); err != nil {
+				return err
+			}
+			if len(urls) != 3 {
+				return fmt.Errorf("servers %v", urls)
+			}
+			return nil
+		})
+	}
+	before, err := c.nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Kill the server the agents use.
+	offsets := map[*member]int64{ag1: ag1.proc.LogSize(), ag2: ag2.proc.LogSize()}
+	killed := time.Now()
+	srv1.proc.Kill()
+	c.server = srv2 // trellis nodes through a survivor from now on
+	for _, m := range []*member{ag1, ag2} {
+		at, err := waitLogLine(m.proc, offsets[m], 60*time.Second, "netmap stream connected")
+		if err != nil {
+			t.Fatalf("%s did not move to another server: %v", m.Name, err)
+		}
+		lines, _ := m.proc.LogLinesSince(offsets[m], "netmap stream connected")
+		t.Logf("measured: %s moved to another server %v after the kill (%s)", m.Name, at.Sub(killed).Round(time.Millisecond), lastField(lines, "server="))
+	}
+	survivors := []*member{srv2, srv3, ag1, ag2}
+	c.checkPods("after the kill", survivors, survivors, meshTimeout)
+
+	// A new agent joins through a surviving server.
+	ag3 := c.startAgentVia(a2, srv2)
+	joinStart := time.Now()
+	all = append(all, ag3)
+	after := c.waitListed(joinTimeout, all, append(survivors, ag3))
+	t.Logf("measured: a new agent joined through a survivor and was ready in %v", time.Since(joinStart).Round(time.Millisecond))
+	c.attachPod(ag3)
+	c.checkPods("new agent", append(survivors, ag3), append(survivors, ag3), meshTimeout)
+
+	// Nothing written before the kill is lost.
+	for name, n := range before {
+		got, ok := after[name]
+		switch {
+		case !ok:
+			t.Errorf("node %s was lost", name)
+		case got.PublicKey != n.PublicKey || !slices.Equal(got.PodCIDRs, n.PodCIDRs) || !got.CreatedAt.Equal(n.CreatedAt) || !slices.Equal(got.Roles, n.Roles):
+			t.Errorf("node %s changed: before %+v, after %+v", name, n, got)
+		}
+	}
+
+	// The killed server restarts and catches up.
+	offset := srv1.proc.LogSize()
+	restart := time.Now()
+	if err := srv1.proc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := waitLogLine(srv1.proc, offset, joinTimeout, "server listening"); err != nil {
+		t.Fatal(err)
+	}
+	c.server = srv1
+	c.waitListed(joinTimeout, all, all)
+	t.Logf("measured: the killed server restarted, caught up and listed every node ready in %v", time.Since(restart).Round(time.Millisecond))
+	c.checkPods("after the restart", all, all, meshTimeout)
+}
+
+// lastField returns the value of key=… in the last line.
+func lastField(lines []string, key string) string {
+	if len(lines) == 0 {
+		return ""
+	}
+	l := lines[len(lines)-1]
+	i := strings.Index(l, key)
+	if i < 0 {
+		return ""
+	}
+	v := l[i+len(key):]
+	if j := strings.IndexByte(v, ' '); j >= 0 {
+		v = v[:j]
+	}
+	return key + v
+}
