@@ -121,13 +121,13 @@ func TestRun(t *testing.T) {
 // larger N; see docs/benchmarks.md).
 func BenchmarkFanout(b *testing.B) {
 	const agents = 100
-	var all, bytes time.Duration
-	var n int64
+	var all time.Duration
+	var bytes, n int64
 	for b.Loop() {
 		res := runAgainst(b, agents, 3)
 		for _, c := range res.Changes {
 			all += c.All
-			bytes += time.Duration(c.StreamBytes)
+			bytes += c.StreamBytes
 			n++
 		}
 	}
