@@ -146,12 +146,14 @@ func TestHAServers(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			var urls []string
-			if err := json.Unmarshal(b, &urls); err != nil {
+			var saved struct {
+				Servers []api.Server `json:"servers"`
+			}
+			if err := json.Unmarshal(b, &saved); err != nil {
 				return err
 			}
-			if len(urls) != 3 {
-				return fmt.Errorf("servers %v", urls)
+			if len(saved.Servers) != 3 {
+				return fmt.Errorf("servers %v", saved.Servers)
 			}
 			return nil
 		})

@@ -265,7 +265,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		return nil, err
 	}
 	a.self, a.cidrs, a.members = jr.Node, jr.ClusterCIDRs, jr.Members
-	a.servers.update(jr.Servers)
+	a.servers.update(srv, jr.ServerName, jr.Servers)
 	a.log.Info("joined the cluster", "server", srv, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
 	a.metrics.joined(time.Since(start))
 	if err := a.setupDataPlane(); err != nil {
@@ -351,7 +351,7 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 				connected, n = true, 0
 				a.log.Info("netmap stream connected", "server", c.base)
 			}
-			a.servers.update(nm.Servers)
+			a.servers.update(c.base, nm.ServerName, nm.Servers)
 			a.apply(nm)
 		})
 		kicked := sctx.Err() != nil && ctx.Err() == nil

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/tunnel"
 )
@@ -29,10 +30,18 @@ type serverList struct {
 	first   string          // --server, always kept
 	aliases map[string]bool // other URLs of the --server server (a server's own node)
 
-	mu      sync.Mutex
-	urls    []string      // guarded by mu; first is urls[0]
-	cur     int           // guarded by mu; index of the current server
-	changed chan struct{} // guarded by mu; closed when urls changes
+	mu        sync.Mutex
+	firstName string        // guarded by mu; name of the --server server, once known
+	servers   []api.Server  // guarded by mu; the list the cluster announced last
+	urls      []string      // guarded by mu; first is urls[0]
+	cur       int           // guarded by mu; index of the current server
+	changed   chan struct{} // guarded by mu; closed when urls changes
+}
+
+// savedServers is the file the list is remembered in.
+type savedServers struct {
+	FirstName string       `json:"firstName,omitempty"`
+	Servers   []api.Server `json:"servers"`
 }
 
 // newServerList returns the list with first and what path remembers.
@@ -42,9 +51,10 @@ func newServerList(path, first string, aliases []string, log *slog.Logger) *serv
 		l.aliases[normalizeURL(a)] = true
 	}
 	if b, err := os.ReadFile(path); err == nil {
-		var saved []string
+		var saved savedServers
 		if json.Unmarshal(b, &saved) == nil {
-			l.merge(saved)
+			l.firstName, l.servers = saved.FirstName, saved.Servers
+			l.merge()
 		} else {
 			log.Warn("ignoring unreadable server list", "file", path)
 		}
@@ -56,14 +66,16 @@ func newServerList(path, first string, aliases []string, log *slog.Logger) *serv
 
 func normalizeURL(u string) string { return strings.TrimSuffix(strings.TrimSpace(u), "/") }
 
-// merge adds urls (valid https URLs only, no alias of first) after first;
+// merge rebuilds urls: first, then the URLs of the announced servers
+// other than first's own (by name or alias URL), valid https URLs only;
 // it reports whether the list changed. Called with mu held or before use.
-func (l *serverList) merge(urls []string) bool {
+func (l *serverList) merge() bool {
 	next := []string{l.first}
-	for _, u := range urls {
-		u = normalizeURL(u)
+	for _, srv := range l.servers {
+		u := normalizeURL(srv.URL)
 		pu, err := url.Parse(u)
-		if err != nil || pu.Scheme != "https" || pu.Host == "" || l.aliases[u] || slices.Contains(next, u) {
+		if err != nil || pu.Scheme != "https" || pu.Host == "" || l.aliases[u] || slices.Contains(next, u) ||
+			(l.firstName != "" && srv.Name == l.firstName) {
 			continue
 		}
 		next = append(next, u)
@@ -80,20 +92,26 @@ func (l *serverList) merge(urls []string) bool {
 	return true
 }
 
-// update takes the server list the cluster announced and remembers it.
-func (l *serverList) update(urls []string) {
-	if len(urls) == 0 {
+// update takes the server list the cluster announced (in an answer from
+// the server named fromName at URL from) and remembers it.
+func (l *serverList) update(from, fromName string, servers []api.Server) {
+	if len(servers) == 0 {
 		return
 	}
 	l.mu.Lock()
-	changed := l.merge(urls)
+	if normalizeURL(from) == l.first && fromName != "" {
+		l.firstName = fromName
+	}
+	l.servers = slices.Clone(servers)
+	changed := l.merge()
 	all := slices.Clone(l.urls)
+	saved := savedServers{FirstName: l.firstName, Servers: l.servers}
 	l.mu.Unlock()
 	if !changed {
 		return
 	}
 	l.log.Info("servers of the cluster", "servers", strings.Join(all, " "))
-	b, _ := json.Marshal(all)
+	b, _ := json.Marshal(saved)
 	if err := pki.WriteFileAtomic(l.path, b, 0o600); err != nil {
 		l.log.Warn("cannot remember the server list", "file", l.path, "err", err)
 	}

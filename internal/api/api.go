@@ -123,9 +123,11 @@ type JoinResponse struct {
 	// Members are the cluster's nodes at the time of the join (see
 	// Member).
 	Members []Member `json:"members,omitempty"`
-	// Servers are the URLs of every server of the cluster: an agent
-	// fails over to another when the one it uses is lost.
-	Servers []string `json:"servers,omitempty"`
+	// Servers are every server of the cluster: an agent fails over to
+	// another when the one it uses is lost.
+	Servers []Server `json:"servers,omitempty"`
+	// ServerName is the name of the server that answered.
+	ServerName string `json:"serverName,omitempty"`
 }
 
 // Node is a node as the server knows it.
@@ -179,9 +181,11 @@ type NetMap struct {
 	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs"`
 	// Peers are the WireGuard peers the node must have, sorted by name.
 	Peers []Peer `json:"peers"`
-	// Servers are the URLs of every server of the cluster (see
+	// Servers are every server of the cluster (see
 	// JoinResponse.Servers).
-	Servers []string `json:"servers,omitempty"`
+	Servers []Server `json:"servers,omitempty"`
+	// ServerName is the name of the server that sent the netmap.
+	ServerName string `json:"serverName,omitempty"`
 }
 
 // Peer is one WireGuard peer of a node.

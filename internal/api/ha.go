@@ -3,6 +3,15 @@ package api
 // Highly available servers: the servers of a cluster, and how a server
 // joins the embedded etcd cluster of another.
 
+// Server is one server of the cluster, as agents learn it.
+type Server struct {
+	// Name is the server's node name.
+	Name string `json:"name"`
+	// URL is where agents reach it (its first external IP, else its node
+	// IP).
+	URL string `json:"url"`
+}
+
 // PathEtcdMembers lists the embedded etcd members (GET) and adds the
 // calling server as one (POST, EtcdJoinRequest → EtcdJoinResponse). Both
 // need the server token as a bearer token: they hand out the cluster CA

@@ -440,7 +440,9 @@ func (c *joinClient) do(ctx context.Context, method string, in, out any) error {
 		}
 		return err
 	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out); err != nil {
+	err = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out)
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // lets the connection be reused and closed
+	if err != nil {
 		return fmt.Errorf("join the server at %s: decode answer: %w", c.base, err)
 	}
 	return nil
@@ -536,7 +538,8 @@ func (s *Server) handleEtcdJoin(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "peerURL must be https://address:port")
 			return
 		}
-		if a, err := netip.ParseAddr(u.Hostname()); err != nil || !a.IsValid() || a.IsUnspecified() || a.IsLoopback() {
+		// Loopback only among servers on one host (tests).
+		if a, err := netip.ParseAddr(u.Hostname()); err != nil || !a.IsValid() || a.IsUnspecified() || (a.IsLoopback() && !s.peerIP().IsLoopback()) {
 			writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "peerURL must name an IP address other servers reach the new server at (set --node-ip on it)")
 			return
 		}
@@ -615,7 +618,11 @@ func (s *Server) startHA(ctx context.Context) error {
 				var r serverRecord
 				return r.URL, json.Unmarshal(b, &r) == nil && r.URL != ""
 			})
-			s.hub.setServers(slices.Sorted(maps.Values(servers)))
+			list := make([]api.Server, 0, len(servers))
+			for _, name := range slices.Sorted(maps.Keys(servers)) {
+				list = append(list, api.Server{Name: name, URL: servers[name]})
+			}
+			s.hub.setServers(list)
 		}
 	}()
 	if s.sharedStore() {
@@ -720,6 +727,8 @@ func (s *Server) forgetServer(ctx context.Context, name string) {
 	if !s.store.IsEmbedded() || name == s.cfg.NodeName {
 		return
 	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
 	removed, err := s.store.RemoveMember(ctx, name)
 	switch {
 	case err != nil:
@@ -729,21 +738,25 @@ func (s *Server) forgetServer(ctx context.Context, name string) {
 	}
 }
 
-// setServers replaces the list of server URLs sent to agents.
-func (h *hub) setServers(urls []string) {
+// setServers replaces the list of servers sent to agents.
+func (h *hub) setServers(servers []api.Server) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if slices.Equal(h.servers, urls) {
+	if slices.Equal(h.servers, servers) {
 		return
 	}
-	h.servers = urls
+	h.servers = servers
 	h.publishLocked()
 }
 
-// serverURLs returns the URLs of every server.
-func (h *hub) serverURLs() []string {
+// serverList returns every server, or nil while there is only one: an
+// agent then has nothing to fail over to, and needs no list.
+func (h *hub) serverList() []api.Server {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if len(h.servers) < 2 {
+		return nil
+	}
 	return slices.Clone(h.servers)
 }
 

@@ -213,7 +213,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("node joined", "node", rec.Name, "source", src, "podCIDRs", joinPrefixes(rec.PodCIDRs), "took", time.Since(start).Round(time.Millisecond))
-	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: s.hub.members(rec.Node), Servers: s.hub.serverURLs()})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: s.hub.members(rec.Node), Servers: s.hub.serverList(), ServerName: s.cfg.NodeName})
 }
 
 func maskAll(ps []netip.Prefix) []netip.Prefix {
@@ -293,7 +293,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	for {
 		nodes, view, version, changed := s.hub.snapshot()
 		nm, ok := s.hub.netmapFor(name, nodes, view, version)
-		nm.Servers = s.hub.serverURLs()
+		nm.Servers, nm.ServerName = s.hub.serverList(), s.cfg.NodeName
 		if !ok && sent {
 			return // the node was deleted: the agent will learn why on reconnect
 		}
@@ -347,6 +347,12 @@ func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
 	rec, err := s.reg.remove(r.Context(), name)
 	switch {
+	case errors.Is(err, store.ErrNotFound) && s.isServerName(r.Context(), name):
+		// A server without a node (--disable-agent): its registration
+		// and etcd membership still go.
+		s.forgetServer(r.Context(), name)
+		writeJSON(w, http.StatusOK, api.Node{Name: name, Roles: []string{api.RoleServer}})
+		return
 	case errors.Is(err, store.ErrNotFound):
 		writeError(w, http.StatusNotFound, api.ErrCodeNotFound, fmt.Sprintf("there is no node %q; 'trellis nodes' lists them", name))
 		return

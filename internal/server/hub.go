@@ -27,7 +27,7 @@ type hub struct {
 	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
 	seen    map[string]int64       // guarded by mu; version each node's stream last computed
 	remote  map[string]string      // guarded by mu; nodes with a stream on any server (ha.go)
-	servers []string               // guarded by mu; every server's URL (ha.go)
+	servers []api.Server           // guarded by mu; every server (ha.go)
 }
 
 type streamInfo struct {

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
@@ -303,11 +304,26 @@ func (s *Store) RemoveMember(ctx context.Context, name string) (bool, error) {
 		return false, err
 	}
 	for _, m := range members {
-		if m.Name == name {
-			if _, err := s.client.MemberRemove(ctx, m.ID); err != nil {
+		if m.Name != name {
+			continue
+		}
+		for {
+			_, err := s.client.MemberRemove(ctx, m.ID)
+			if err == nil {
+				return true, nil
+			}
+			// etcd refuses while a member joined less than 5 s ago or
+			// one is down; that passes.
+			if !errors.Is(err, rpctypes.ErrUnhealthy) && !errors.Is(err, rpctypes.ErrGRPCUnhealthy) {
 				return false, fmt.Errorf("store: remove etcd member %s: %w", name, err)
 			}
-			return true, nil
+			t := time.NewTimer(time.Second)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return false, fmt.Errorf("store: remove etcd member %s: %w (%w)", name, err, ctx.Err())
+			case <-t.C:
+			}
 		}
 	}
 	return false, nil

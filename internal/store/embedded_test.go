@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
@@ -246,4 +248,9 @@ func startPlainEtcd(t testing.TB) string {
 		t.Fatal("etcd did not become ready")
 	}
 	return client.String()
+}
+
+// tlsFor returns the client TLS of a test member (its own certificate).
+func tlsFor(m store.Embedded) (*tls.Config, error) {
+	return transport.TLSInfo{CertFile: m.CertFile, KeyFile: m.KeyFile, TrustedCAFile: m.CAFile}.ClientConfig()
 }
