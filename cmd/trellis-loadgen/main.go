@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -49,6 +50,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	changes := fs.Int("changes", 5, "changes measured per run")
 	out := fs.String("out", "", "directory for loadgen.json, loadgen.md and loadgen.png (empty: print the table only)")
 	timeout := fs.Duration("phase-timeout", 15*time.Minute, "bound on each phase (joins, first netmaps, one fan-out, settling)")
+	replot := fs.String("replot", "", "measure nothing: read the results from this loadgen.json and write the table and plot to -out")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -61,10 +63,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		ns = append(ns, n)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := raiseFileLimit(log); err != nil {
+	var results []*loadgen.Result
+	if *replot != "" {
+		b, err := os.ReadFile(*replot)
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(b, &results); err != nil {
+			return fmt.Errorf("%s: %w", *replot, err)
+		}
+		ns = nil
+	} else if err := raiseFileLimit(log); err != nil {
 		return err
 	}
-	var results []*loadgen.Result
 	for _, n := range ns {
 		log.Info("=== run", "agents", n)
 		res, err := runOnce(ctx, log, *bin, n, *changes, *timeout)

@@ -70,7 +70,7 @@ func secs(d time.Duration) float64 { return d.Seconds() }
 
 // panel draws one log-log chart of ss inside r.
 func panel(img *image.RGBA, r image.Rectangle, title string, ss []series) {
-	plot := image.Rect(r.Min.X+80, r.Min.Y+50, r.Max.X-20, r.Max.Y-60)
+	plot := image.Rect(r.Min.X+80, r.Min.Y+50, r.Max.X-40, r.Max.Y-60)
 	text(img, r.Min.X+80, r.Min.Y+15, title, black, 2)
 	xlo, xhi, ylo, yhi := math.Inf(1), math.Inf(-1), math.Inf(1), math.Inf(-1)
 	for _, s := range ss {
@@ -107,7 +107,8 @@ func panel(img *image.RGBA, r image.Rectangle, title string, ss []series) {
 			vline(img, x, plot.Min.Y, plot.Max.Y, grey)
 			if m == 1 {
 				vline(img, x, plot.Max.Y, plot.Max.Y+6, black)
-				text(img, x-8, plot.Max.Y+12, label(math.Pow(10, e)), black, 2)
+				s := label(math.Pow(10, e))
+				text(img, x-6*len(s), plot.Max.Y+12, s, black, 2)
 			}
 		}
 	}
@@ -124,7 +125,7 @@ func panel(img *image.RGBA, r image.Rectangle, title string, ss []series) {
 	}
 	hline(img, plot.Min.X, plot.Max.X, plot.Max.Y, black)
 	vline(img, plot.Min.X, plot.Min.Y, plot.Max.Y, black)
-	text(img, plot.Max.X-14*12, plot.Max.Y+34, "N AGENTS (LOG)", black, 2)
+	text(img, plot.Max.X-14*12, plot.Max.Y+36, "N AGENTS (LOG)", black, 2)
 	for i, s := range ss {
 		ly := plot.Min.Y + 10 + 22*i
 		fill(img, image.Rect(plot.Min.X+12, ly+4, plot.Min.X+36, ly+8), s.color)

@@ -21,6 +21,11 @@ func markdown(rs []*loadgen.Result) string {
 	b.WriteString("| N agents | joins/s | join p50 / p99 | join retries (503) | first netmap to all | settle | fan-out p50 / p99 | fan-out to all (max) | server CPU per change | netmap bytes per change | one netmap | one peer entry | server RSS idle / peak | agent heap per peer |\n")
 	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rs {
+		if r.Joined < r.Agents {
+			fmt.Fprintf(&b, "| %d | only %d joined in %s (%.1f/s); nothing further measured | | %d | | | | | | | | | | |\n",
+				r.Agents, r.Joined, dur(r.JoinTime), float64(r.Joined)/r.JoinTime.Seconds(), r.JoinRetries)
+			continue
+		}
 		fmt.Fprintf(&b, "| %d | %.0f | %s / %s | %d | %s | %s | %s / %s | %s | %s | %s | %s | %d B | %s / %s | %.0f B |\n",
 			r.Agents, r.JoinsPerSec, dur(r.JoinP50), dur(r.JoinP99), r.JoinRetries, dur(r.StreamsTime), dur(r.SettleTime),
 			dur(r.FanoutP50), dur(r.FanoutP99), dur(r.FanoutAllMax), dur(r.CPUPerChange),

@@ -115,6 +115,9 @@ type Result struct {
 	JoinP50      time.Duration `json:"joinP50"`
 	JoinP99      time.Duration `json:"joinP99"`
 	JoinFailures int           `json:"joinFailures"`
+	// Joined is how many agents joined (all of them unless the phase
+	// failed or timed out).
+	Joined int `json:"joined"`
 	// JoinRetries counts joins the server answered 503 (try again).
 	JoinRetries int `json:"joinRetries"`
 	// StreamsTime is from opening the first stream until every agent had
@@ -184,7 +187,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	log.Info("joining", "agents", n, "concurrency", cfg.JoinConcurrency)
 	cpu0 := sample(cfg.ServerPID)
 	joinLat := make([]time.Duration, n)
-	var joinFailures, joinRetries atomic.Int64
+	var joinFailures, joinRetries, joined atomic.Int64
 	jctx, jcancel := context.WithTimeout(ctx, cfg.PhaseTimeout)
 	start := time.Now()
 	err := parallel(jctx, n, cfg.JoinConcurrency, func(i int) error {
@@ -202,6 +205,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		joinLat[i] = time.Since(t)
 		if err != nil {
 			joinFailures.Add(1)
+		} else {
+			joined.Add(1)
 		}
 		return err
 	})
@@ -209,6 +214,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.JoinTime = time.Since(start)
 	res.JoinFailures = int(joinFailures.Load())
 	res.JoinRetries = int(joinRetries.Load())
+	res.Joined = int(joined.Load())
 	if err != nil {
 		return res, fmt.Errorf("joins: %w", err)
 	}
