@@ -13,6 +13,7 @@ OUT=${OUT:-docs/bench}
 AGENTS=${BENCH_AGENTS:-100,1000,5000}
 ONLY=${BENCH_ONLY:-}
 mkdir -p "$OUT" bin
+OUT=$(cd "$OUT" && pwd)
 step() { printf '\n==> %s  (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
 
@@ -36,10 +37,10 @@ if want machine; then
 	cat "$OUT/machine.md"
 fi
 
-export TRELLIS_BENCH=1 TRELLIS_BENCH_OUT="$PWD/$OUT" TRELLIS_E2E_BINARY="$PWD/bin/trellis"
+export TRELLIS_BENCH=1 TRELLIS_BENCH_OUT="$OUT" TRELLIS_E2E_BINARY="$PWD/bin/trellis"
 if want dataplane; then
 	step "data plane: raw veth, wireguard-go daemon, Trellis (iperf3, ping) -> $OUT/dataplane.md"
-	go test -tags e2e -count=1 -timeout 20m -run '^TestBenchDataPlane$' -v ./e2e 2>&1 | grep -E '^\s*(bench_test|---|ok|FAIL|PASS)' || true
+	go test -tags e2e -count=1 -timeout 20m -run '^TestBenchDataPlane$' -v ./e2e 2>&1 | grep -E '^\s*(bench_test.go|reference daemon|---|ok|FAIL|PASS)' || true
 	cat "$OUT/dataplane.md"
 fi
 if want join; then
