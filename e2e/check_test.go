@@ -219,6 +219,34 @@ func TestCheckHealthyMetricsAndMTUBlackHole(t *testing.T) {
 		}
 	})
 
+	t.Run("nodes-watch", func(t *testing.T) {
+		// Unchanged nodes print once; Ctrl-C (SIGINT) ends the watch
+		// with exit 0.
+		cmd := exec.Command("ip", "netns", "exec", c1.NS, c.bin, "nodes", "--admin-config", c.adminConfig(), "--watch")
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Second) // two more polls
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("trellis nodes --watch after Ctrl-C: %v\n%s", err, out.String())
+			}
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+			t.Fatalf("trellis nodes --watch did not stop on Ctrl-C:\n%s", out.String())
+		}
+		if n := strings.Count(out.String(), "NAME "); n != 1 {
+			t.Errorf("an unchanged listing printed %d times, want once:\n%s", n, out.String())
+		}
+	})
+
 	t.Run("local-status", func(t *testing.T) {
 		out, code, err := c.trellisIn(c3.NS, "status")
 		if err != nil || code != 0 {

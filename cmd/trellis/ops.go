@@ -69,7 +69,7 @@ func runNodesCmd(ctx context.Context, args []string, stdout, stderr io.Writer, g
 			if *output == cli.FormatWide {
 				wide = c.Wide(ctx, nodes)
 			}
-			if key := cli.WatchKey(nodes, wide); key != last {
+			if key := cli.WatchKey(nodes, wide, *output); key != last {
 				if !first {
 					sep := "\n"
 					if *output == cli.FormatYAML {

@@ -357,14 +357,20 @@ func fromPeer(st *api.NodeStatus, p api.PeerStatus) WideInfo {
 }
 
 // WatchKey is what `trellis nodes --watch` compares to decide whether to
-// print again: the listing without the fields that change every second
-// (traffic counters, handshake times).
-func WatchKey(nodes []api.Node, wide map[string]WideInfo) string {
+// print again. For tables it is what the table shows, without what moves
+// every second (ages, traffic counters, handshake ages, round trips); for
+// JSON and YAML it is the data.
+func WatchKey(nodes []api.Node, wide map[string]WideInfo, format string) string {
 	var b bytes.Buffer
-	_ = json.NewEncoder(&b).Encode(nodes)
-	for _, n := range nodes {
-		wi := wide[n.Name]
-		fmt.Fprintf(&b, "%s %v %v %s %s %s %v\n", n.Name, wi.Known, wi.Self, wi.Endpoint, wi.Path, wi.Via, wi.HasHandshake)
+	if format != FormatJSON && format != FormatYAML {
+		still := make(map[string]WideInfo, len(wide))
+		for k, wi := range wide {
+			wi.Handshake, wi.Rx, wi.Tx, wi.RTT = 0, 0, 0, 0
+			still[k] = wi
+		}
+		_ = PrintNodeList(&b, nodes, NodeListOptions{Format: format, Wide: still})
+		return b.String()
 	}
+	_ = json.NewEncoder(&b).Encode(nodes)
 	return b.String()
 }

@@ -170,19 +170,30 @@ func TestPrintNodeListJSONAndYAMLParseBack(t *testing.T) {
 
 func TestWatchKeyIgnoresCounters(t *testing.T) {
 	nodes := testNodes()
-	a := map[string]WideInfo{"a2": {Known: true, Path: api.PathDirect, Rx: 1, HasHandshake: true, Handshake: time.Second}}
-	b := map[string]WideInfo{"a2": {Known: true, Path: api.PathDirect, Rx: 99, HasHandshake: true, Handshake: 9 * time.Second}}
-	if WatchKey(nodes, a) != WatchKey(nodes, b) {
-		t.Error("traffic and handshake ages must not count as a change")
+	a := map[string]WideInfo{"a2": {Known: true, Path: api.PathDirect, Rx: 1, HasHandshake: true, Handshake: time.Second, RTT: time.Millisecond}}
+	b := map[string]WideInfo{"a2": {Known: true, Path: api.PathDirect, Rx: 99, HasHandshake: true, Handshake: 9 * time.Second, RTT: 2 * time.Millisecond}}
+	if WatchKey(nodes, a, FormatWide) != WatchKey(nodes, b, FormatWide) {
+		t.Error("traffic, handshake ages and round trips must not count as a change")
 	}
 	c := map[string]WideInfo{"a2": {Known: true, Path: api.PathRelayed, Via: "srv"}}
-	if WatchKey(nodes, a) == WatchKey(nodes, c) {
+	if WatchKey(nodes, a, FormatWide) == WatchKey(nodes, c, FormatWide) {
 		t.Error("a path change is a change")
 	}
 	nodes2 := testNodes()
 	nodes2[2].Ready = true
-	if WatchKey(nodes, nil) == WatchKey(nodes2, nil) {
+	if WatchKey(nodes, nil, FormatTable) == WatchKey(nodes2, nil, FormatTable) {
 		t.Error("readiness is a change")
+	}
+	// What the table does not show is no change for a table, but is for
+	// JSON.
+	nodes3 := testNodes()
+	nodes3[1].UpdatedAt = testNow
+	nodes3[1].Observations = []api.Observation{{Peer: "srv", Handshake: api.HandshakeOK}}
+	if WatchKey(nodes, nil, FormatTable) != WatchKey(nodes3, nil, FormatTable) {
+		t.Error("a table does not show observations: no change")
+	}
+	if WatchKey(nodes, nil, FormatJSON) == WatchKey(nodes3, nil, FormatJSON) {
+		t.Error("JSON shows observations: a change")
 	}
 }
 
