@@ -96,3 +96,22 @@ func TunnelAddr(p netip.Prefix) netip.Prefix {
 	a := p.Masked().Addr()
 	return netip.PrefixFrom(a, a.BitLen())
 }
+
+// NextFrom is Next, but the search starts at the start-th node prefix
+// (modulo the cluster's size) and wraps around. Concurrent allocators
+// that start at different places (a hash of the node name) rarely race
+// for the same prefix.
+func NextFrom(cluster netip.Prefix, used map[netip.Prefix]bool, start uint64) (netip.Prefix, error) {
+	cluster = cluster.Masked()
+	n := Size(cluster)
+	for k := uint64(0); k < n; k++ {
+		p, err := Nth(cluster, (start+k)%n)
+		if err != nil {
+			return netip.Prefix{}, err
+		}
+		if !used[p] {
+			return p, nil
+		}
+	}
+	return netip.Prefix{}, fmt.Errorf("all %d node prefixes of %s are taken: %w; delete unused nodes (trellis node delete) or choose a larger --cluster-cidr", n, cluster, ErrExhausted)
+}

@@ -115,3 +115,24 @@ func BenchmarkNextHalfFull(b *testing.B) {
 		}
 	}
 }
+
+func TestNextFromWrapsAround(t *testing.T) {
+	c := netip.MustParsePrefix("10.42.0.0/22") // 4 node prefixes
+	used := map[netip.Prefix]bool{netip.MustParsePrefix("10.42.3.0/24"): true}
+	if p, _ := NextFrom(c, used, 2); p.String() != "10.42.2.0/24" {
+		t.Errorf("NextFrom(start 2) = %v", p)
+	}
+	if p, _ := NextFrom(c, used, 3); p.String() != "10.42.0.0/24" {
+		t.Errorf("NextFrom(start 3, taken) = %v, want wrap to 10.42.0.0/24", p)
+	}
+	if p, _ := NextFrom(c, used, 7); p.String() != "10.42.0.0/24" {
+		t.Errorf("NextFrom(start 7 ≡ 3) = %v", p)
+	}
+	for i := 0; i < 4; i++ {
+		p, _ := Nth(c, uint64(i))
+		used[p] = true
+	}
+	if _, err := NextFrom(c, used, 1); !errors.Is(err, ErrExhausted) {
+		t.Errorf("full cluster: %v", err)
+	}
+}

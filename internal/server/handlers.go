@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -284,7 +285,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	enc := json.NewEncoder(w)
 	ka := time.NewTicker(streamKeepalive)
 	defer ka.Stop()
-	var last api.NetMap
+	var lastDigest [sha256.Size]byte
 	sent := false
 	// The hub may not have seen a node that just joined: wait for it a
 	// while before giving up.
@@ -307,7 +308,11 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 				continue
 			}
 		}
-		if !sent || !sameMap(last, nm) {
+		digest, err := mapDigest(nm)
+		if err != nil {
+			return
+		}
+		if !sent || digest != lastDigest {
 			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
 			if err := enc.Encode(nm); err != nil {
 				return
@@ -315,7 +320,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 			if err := rc.Flush(); err != nil {
 				return
 			}
-			last, sent = nm, true
+			lastDigest, sent = digest, true
 		}
 	wait:
 		for {

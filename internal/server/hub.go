@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/sha256"
 	"encoding/json"
 	"maps"
 	"slices"
@@ -139,8 +140,11 @@ func (h *hub) connected(name string, now time.Time) func() {
 		h.streams[name] = s
 	}
 	s.count++
-	if s.count == 1 {
-		h.publishLocked() // readiness feeds relay choice
+	if s.count == 1 && h.relayCapableLocked(name) {
+		// Readiness feeds relay choice: only a relay's matters to the
+		// netmaps. Others' is read at listing time (nodesWithStatus),
+		// so N streams opening do not wake N streams N times.
+		h.publishLocked()
 	}
 	return func() {
 		h.mu.Lock()
@@ -148,16 +152,29 @@ func (h *hub) connected(name string, now time.Time) func() {
 		if s.count--; s.count == 0 {
 			delete(h.streams, name)
 			delete(h.seen, name)
-			h.publishLocked()
+			if h.relayCapableLocked(name) {
+				h.publishLocked()
+			}
 		}
 	}
 }
 
-// nodesWithStatus returns every node with Ready filled in.
+// relayCapableLocked reports whether name may relay (its readiness then
+// changes netmaps).
+func (h *hub) relayCapableLocked(name string) bool {
+	r, ok := h.records[name]
+	return ok && (r.Relay || r.HasRole(api.RoleServer))
+}
+
+// nodesWithStatus returns every node with Ready filled in as of now.
 func (h *hub) nodesWithStatus() []api.Node {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return slices.Clone(h.nodes)
+	out := slices.Clone(h.nodes)
+	for i := range out {
+		out[i].Ready = h.streams[out[i].Name] != nil || h.remote[out[i].Name] != ""
+	}
+	return out
 }
 
 // streamLags returns the current version and, for each node with an open
@@ -182,10 +199,14 @@ func (h *hub) paths() []api.Path {
 	return v.Paths()
 }
 
-// sameMap reports whether two netmaps differ only in version.
-func sameMap(a, b api.NetMap) bool {
-	a.Version, b.Version = 0, 0
-	ja, err1 := json.Marshal(a)
-	jb, err2 := json.Marshal(b)
-	return err1 == nil && err2 == nil && string(ja) == string(jb)
+// mapDigest identifies a netmap's content apart from its version: a
+// stream keeps the digest of what it sent, not the map (N maps of N peers
+// would be O(N²) memory), and encodes each map once to compare.
+func mapDigest(nm api.NetMap) ([sha256.Size]byte, error) {
+	nm.Version = 0
+	b, err := json.Marshal(nm)
+	if err != nil {
+		return [sha256.Size]byte{}, err
+	}
+	return sha256.Sum256(b), nil
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"slices"
 	"strings"
@@ -250,7 +251,7 @@ func (r *registry) claim(ctx context.Context, name string) ([]netip.Prefix, erro
 }
 
 func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name string) (netip.Prefix, error) {
-	for range maxCASRetries {
+	for attempt := range maxCASRetries {
 		kvs, _, err := r.kv.List(ctx, prefixClaims)
 		if err != nil {
 			return netip.Prefix{}, fmt.Errorf("list pod CIDR claims: %w", err)
@@ -267,7 +268,16 @@ func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name strin
 			}
 			used[p] = true
 		}
-		p, err := ipam.Next(cluster, used)
+		// The lowest free prefix; after losing a race for it, start
+		// where the name hashes to, so that concurrent joins spread out
+		// instead of racing again for the same one.
+		var start uint64
+		if attempt > 0 {
+			h := fnv.New64a()
+			h.Write([]byte(name))
+			start = h.Sum64() + uint64(attempt)
+		}
+		p, err := ipam.NextFrom(cluster, used, start)
 		if err != nil {
 			return netip.Prefix{}, &joinError{status: 507, code: api.ErrCodeExhausted, msg: err.Error()}
 		}
