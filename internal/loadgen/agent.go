@@ -128,6 +128,12 @@ func (a *vagent) join(ctx context.Context, token string) error {
 	hr.Header.Set("Content-Type", "application/json")
 	resp, err := a.client.Do(hr)
 	if err != nil {
+		if ctx.Err() == nil {
+			// A connection the loaded server closed (a handshake past
+			// its timeout): a real agent retries, and so do we.
+			a.client.CloseIdleConnections()
+			return fmt.Errorf("%w: join %s: %w", errRetry, a.name, err)
+		}
 		return fmt.Errorf("join %s: %w", a.name, err)
 	}
 	defer resp.Body.Close()
