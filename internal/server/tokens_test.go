@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -139,5 +140,17 @@ func TestJoinRateLimitedPerSource(t *testing.T) {
 	}
 	if !limited {
 		t.Fatal("40 join attempts from one address in a burst were never rate-limited")
+	}
+}
+
+func TestRefusesTLSBelow12(t *testing.T) {
+	ts := startServer(t, t.TempDir(), nil)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ts.ca.Pool(), MaxVersion: tls.VersionTLS11}}
+	defer tr.CloseIdleConnections()
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	resp, err := c.Get(ts.URL() + api.PathPing)
+	if err == nil {
+		resp.Body.Close()
+		t.Fatal("a TLS 1.1 client was served; want the handshake refused")
 	}
 }
