@@ -154,3 +154,27 @@ func TestRefusesTLSBelow12(t *testing.T) {
 		t.Fatal("a TLS 1.1 client was served; want the handshake refused")
 	}
 }
+
+// The join token is good for joining only: presented anywhere else it
+// opens nothing.
+func TestJoinTokenOpensNothingElse(t *testing.T) {
+	ts := startServer(t, t.TempDir(), nil)
+	mustJoin(t, ts, joinReq("a", 1, pwA))
+	c := ts.client(t, nil)
+	for _, tc := range []struct{ method, path string }{
+		{"GET", api.PathNodes}, {"DELETE", api.PathNodes + "/a"}, {"GET", api.PathNetmap},
+		{"PUT", api.PathReport}, {"GET", api.PathTokens}, {"POST", api.PathTokens},
+		{"GET", api.PathPaths}, {"GET", api.PathConnect}, {"GET", api.PathNodes + "/a/status"},
+	} {
+		req, _ := http.NewRequest(tc.method, ts.URL()+tc.path, strings.NewReader("{}"))
+		req.Header.Set("Authorization", "Bearer "+ts.Token())
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("join token on %s %s: %d, want 401", tc.method, tc.path, resp.StatusCode)
+		}
+	}
+}

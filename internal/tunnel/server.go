@@ -106,12 +106,14 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 // ServeHTTP upgrades an authenticated agent's request to a websocket and
 // holds its session until it ends.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if !websocket.IsWebSocketUpgrade(r) {
-		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "this endpoint takes a websocket upgrade from a trellis agent")
-		return
-	}
+	// Authenticate first: an anonymous caller learns nothing, not even
+	// what the endpoint expects.
 	node, ok := s.cfg.Authenticate(w, r)
 	if !ok {
+		return
+	}
+	if !websocket.IsWebSocketUpgrade(r) {
+		writeError(w, http.StatusBadRequest, api.ErrCodeBadRequest, "this endpoint takes a websocket upgrade from a trellis agent")
 		return
 	}
 	if claimed := r.Header.Get(HeaderNodeName); claimed != "" && claimed != node {

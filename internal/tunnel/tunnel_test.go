@@ -317,14 +317,25 @@ func TestConnectRefusals(t *testing.T) {
 	if ts.State("a").Connected || ts.State("b").Connected {
 		t.Error("a refused connection registered a session")
 	}
-	// A plain GET is not a websocket.
+	// A plain GET is refused: anonymous, it is not told more; as a node,
+	// it is told it is not a websocket.
 	resp, err := ts.https.Client().Get(ts.url + "/v1/connect")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("anonymous plain GET: got %s, want 401", resp.Status)
+	}
+	req, _ := http.NewRequest("GET", ts.url+"/v1/connect", nil)
+	req.Header.Set("X-Test-Node", "a")
+	resp, err = ts.https.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
 	if resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("plain GET: got %s, want 400", resp.Status)
+		t.Errorf("plain GET from a node: got %s, want 400", resp.Status)
 	}
 }
 
