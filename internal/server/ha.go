@@ -551,7 +551,7 @@ func (s *Server) handleEtcdJoin(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 		ic, err := s.store.AddMember(ctx, req.Name, req.PeerURL)
 		if err != nil {
-			writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "adding the etcd member failed: "+err.Error()+"; check that a majority of the servers runs")
+			writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "adding the etcd member failed: "+err.Error()+"; check that a majority of the servers runs (the joining server retries)")
 			return
 		}
 		resp.InitialCluster = ic

@@ -210,6 +210,10 @@ type Member struct {
 	Learner bool
 }
 
+// ErrMemberPending is returned by AddMember while another member added
+// has not started yet: try again a little later.
+var ErrMemberPending = errors.New("another server is joining the etcd cluster; try again in a few seconds")
+
 // ErrNotEmbedded is returned by the membership calls on a store that is
 // not an embedded etcd cluster.
 var ErrNotEmbedded = errors.New("the datastore is not an embedded etcd cluster (start the first server with --cluster-init)")
@@ -246,6 +250,13 @@ func (s *Store) AddMember(ctx context.Context, name, peerURL string) (initialClu
 	members, err := s.Members(ctx)
 	if err != nil {
 		return "", err
+	}
+	for _, m := range members {
+		if m.Name == "" && !slices.Contains(m.PeerURLs, peerURL) {
+			// Another member was added and has not started: its name is
+			// unknown, so no valid initial cluster can be given yet.
+			return "", fmt.Errorf("store: add etcd member %s: %w", name, ErrMemberPending)
+		}
 	}
 	for _, m := range members {
 		sameURL := slices.Contains(m.PeerURLs, peerURL)

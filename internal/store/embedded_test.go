@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
@@ -130,16 +132,24 @@ func openCluster(t testing.TB, members []etcdMember) []*store.Store {
 func embeddedOpener(base string, n int) func(t *testing.T) *store.Store {
 	var mu sync.Mutex
 	clusters := map[string][]etcdMember{}
+	running := map[string][]*store.Store{}
 	return func(t *testing.T) *store.Store {
 		t.Helper()
 		mu.Lock()
+		defer mu.Unlock()
 		c, ok := clusters[t.Name()]
 		if !ok {
 			c = newTestCluster(t, filepath.Join(base, strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())), n)
 			clusters[t.Name()] = c
 		}
-		mu.Unlock()
-		return openCluster(t, c)[0]
+		// A reopen (the suite closed the store it had) restarts the whole
+		// cluster: stop the members still running first.
+		for _, s := range running[t.Name()] {
+			_ = s.Close()
+		}
+		stores := openCluster(t, c)
+		running[t.Name()] = stores
+		return stores[0]
 	}
 }
 
@@ -169,7 +179,7 @@ func TestEmbeddedJoin(t *testing.T) {
 	defer cancel()
 	members := newTestCluster(t, t.TempDir(), 3)
 	for i := range members {
-		members[i].cfg.InitialCluster = ""
+		members[i].cfg.InitialCluster, members[i].cfg.NewCluster = "", false
 	}
 	first := openCluster(t, members[:1])[0]
 	if _, err := first.Create(ctx, "/trellis/test/before", []byte("1")); err != nil {
@@ -177,7 +187,15 @@ func TestEmbeddedJoin(t *testing.T) {
 	}
 	all := []*store.Store{first}
 	for _, m := range members[1:] {
-		ic, err := first.AddMember(ctx, m.cfg.Name, m.cfg.PeerURL())
+		var ic string
+		var err error
+		for {
+			ic, err = first.AddMember(ctx, m.cfg.Name, m.cfg.PeerURL())
+			if !errors.Is(err, store.ErrMemberPending) && !errors.Is(err, rpctypes.ErrUnhealthy) {
+				break
+			}
+			time.Sleep(500 * time.Millisecond) // the member before is still starting
+		}
 		if err != nil {
 			t.Fatalf("AddMember %s: %v", m.cfg.Name, err)
 		}
