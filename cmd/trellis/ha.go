@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,6 +61,9 @@ func runDatastore(ctx context.Context, args []string, stdout, stderr io.Writer, 
 	fs.SetOutput(stderr)
 	dataDir := fs.String("data-dir", "/var/lib/trellis", "the server's data dir")
 	etcdClientPort := fs.Int("etcd-client-port", store.DefaultEtcdClientPort, "loopback port of the embedded etcd member")
+	etcdPeerPort := fs.Int("etcd-peer-port", store.DefaultEtcdPeerPort, "peer port of the embedded etcd member (restore)")
+	nodeName := fs.String("node-name", "", "the server's node name (restore of embedded etcd)")
+	nodeIP := fs.String("node-ip", "", "the server's node IP, its etcd peer address (restore of embedded etcd)")
 	if err := fs.Parse(args[3:]); err != nil {
 		return err
 	}
@@ -109,7 +114,29 @@ func runDatastore(ctx context.Context, args []string, stdout, stderr io.Writer, 
 			return err
 		}
 	default:
-		return errors.New("restoring an embedded etcd snapshot is not supported yet: restore the member with etcdutl snapshot restore FILE --data-dir <data-dir>/server/db/etcd (stop every server first, then start this one with --cluster-init and join the others again)")
+		if *nodeName == "" || *nodeIP == "" {
+			return errors.New("restoring an embedded etcd member needs the server's --node-name and --node-ip (its etcd peer address)")
+		}
+		ip, err := netip.ParseAddr(*nodeIP)
+		if err != nil {
+			return fmt.Errorf("--node-ip: %w", err)
+		}
+		tlsDir := filepath.Join(srvDir, "tls")
+		m := store.Embedded{
+			Name:       *nodeName,
+			Dir:        filepath.Join(srvDir, "db", "etcd"),
+			PeerAddr:   netip.AddrPortFrom(ip, uint16(*etcdPeerPort)),
+			ClientAddr: netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(*etcdClientPort)),
+			CertFile:   filepath.Join(tlsDir, pki.EtcdCertFile),
+			KeyFile:    filepath.Join(tlsDir, pki.EtcdKeyFile),
+			CAFile:     filepath.Join(tlsDir, pki.CACertFile),
+		}
+		n, err := store.RestoreEtcd(ctx, file, m, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "embedded etcd restored from %s (%d keys) as a cluster of one member; start this server with --cluster-init, then join the other servers again with empty data dirs\n", file, n)
+		return nil
 	}
 	fmt.Fprintf(stdout, "snapshot saved to %s\n", file)
 	return nil

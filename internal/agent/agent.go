@@ -349,6 +349,9 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 		err := c.streamNetmaps(sctx, func(nm api.NetMap) {
 			if !connected {
 				connected, n = true, 0
+				// A new stream, maybe from another server or a restored
+				// datastore whose revisions restart lower: take its maps.
+				a.lastVersion = 0
 				a.log.Info("netmap stream connected", "server", c.base)
 			}
 			a.servers.update(c.base, nm.ServerName, nm.Servers)

@@ -4,9 +4,12 @@ import (
 	"context"
 	"crypto/tls"
 	"database/sql"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -14,8 +17,11 @@ import (
 	"strings"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
 )
 
 // SQLitePath returns where the default datastore of a store with DataDir
@@ -136,4 +142,87 @@ func SnapshotEtcd(ctx context.Context, endpoint string, tlsConfig *tls.Config, w
 		return fmt.Errorf("store: etcd snapshot: %w", err)
 	}
 	return nil
+}
+
+// snapshotKeys reads the newest value of every live key from an etcd
+// snapshot (a bbolt database) and the snapshot's revision.
+func snapshotKeys(path string) (map[string][]byte, int64, error) {
+	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: %s is not an etcd snapshot: %w", path, err)
+	}
+	defer db.Close()
+	keys := map[string][]byte{}
+	var rev int64
+	err = db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket([]byte("key"))
+		if b == nil {
+			return errors.New("it has no key bucket")
+		}
+		// Keys are revisions (8 bytes main, '_', 8 bytes sub, 't' for a
+		// deletion) in order: the last write of a key wins.
+		return b.ForEach(func(k, v []byte) error {
+			var kv mvccpb.KeyValue
+			if err := proto.Unmarshal(v, &kv); err != nil {
+				return fmt.Errorf("revision record: %w", err)
+			}
+			if len(k) >= 8 {
+				rev = max(rev, int64(binary.BigEndian.Uint64(k[:8])))
+			}
+			if len(k) == 18 && k[17] == 't' {
+				delete(keys, string(kv.Key))
+				return nil
+			}
+			keys[string(kv.Key)] = kv.Value
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: read etcd snapshot %s: %w", path, err)
+	}
+	return keys, rev, nil
+}
+
+// RestoreEtcd rebuilds the embedded etcd member m from a snapshot made by
+// SnapshotEtcd, as a new cluster of one member: the newest value of every
+// key comes back (history, leases and readiness keys do not). The
+// member's old data directory is kept as <Dir>.before-restore-<unix time>.
+// The server must be stopped; start it again with --cluster-init, and let
+// other servers join it again with empty data dirs. Agents accept the
+// restored cluster's netmaps although its revisions restart lower.
+func RestoreEtcd(ctx context.Context, snapshot string, m Embedded, log *slog.Logger) (restored int, err error) {
+	keys, _, err := snapshotKeys(snapshot)
+	if err != nil {
+		return 0, err
+	}
+	if c, err := net.DialTimeout("tcp", m.withDefaults().ClientAddr.String(), 200*time.Millisecond); err == nil {
+		_ = c.Close()
+		return 0, errors.New("store: the etcd member is running: stop the server before restoring")
+	}
+	if _, err := os.Stat(m.Dir); err == nil {
+		if err := os.Rename(m.Dir, fmt.Sprintf("%s.before-restore-%d", m.Dir, time.Now().Unix())); err != nil {
+			return 0, fmt.Errorf("store: restore: keep the old member data: %w", err)
+		}
+	}
+	m.InitialCluster, m.NewCluster = "", false
+	s, err := Open(ctx, Config{Embedded: &m, Logger: log, CompactInterval: -1})
+	if err != nil {
+		return 0, err
+	}
+	defer func() {
+		if cerr := s.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	for _, k := range slices.Sorted(maps.Keys(keys)) {
+		if strings.HasPrefix(k, "/trellis/ready/") {
+			continue // who holds a netmap stream now is not in a backup
+		}
+		// One writer, no concurrency: a plain Put is safe here.
+		if _, err := s.client.Put(ctx, k, string(keys[k])); err != nil {
+			return restored, fmt.Errorf("store: restore %q: %w", k, err)
+		}
+		restored++
+	}
+	return restored, nil
 }

@@ -128,4 +128,31 @@ func TestSnapshotEtcd(t *testing.T) {
 	if err != nil || !found {
 		t.Fatalf("the snapshot lacks the key: %v", err)
 	}
+	db.Close()
+
+	// Restore: what was written after the snapshot is gone, the rest is
+	// back, and the member writes on.
+	if _, err := s.Create(ctx, "/trellis/test/after", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.RestoreEtcd(ctx, snap, m, testLogger()); err == nil {
+		t.Fatal("restore while the member runs succeeded")
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	n, err := store.RestoreEtcd(ctx, snap, m, testLogger())
+	if err != nil || n < 1 {
+		t.Fatalf("RestoreEtcd = %d, %v", n, err)
+	}
+	s = openCluster(t, members)[0]
+	if v, _, err := s.Get(ctx, "/trellis/test/k"); err != nil || string(v) != "v" {
+		t.Errorf("after restore: k = %q, %v", v, err)
+	}
+	if _, _, err := s.Get(ctx, "/trellis/test/after"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("after restore: a key written after the snapshot: %v", err)
+	}
+	if _, err := s.Create(ctx, "/trellis/test/new", []byte("n")); err != nil {
+		t.Errorf("write after restore: %v", err)
+	}
 }
