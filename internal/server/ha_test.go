@@ -111,7 +111,7 @@ func TestHAJoin(t *testing.T) {
 	}
 
 	// A node joined through the first server.
-	mustJoin(t, a, joinReq("n1", 1, pwA))
+	j1 := mustJoin(t, a, joinReq("n1", 1, pwA))
 
 	// A server too far away (any round trip is over 1 ns) is refused.
 	_, err = Start(context.Background(), func() Config {
@@ -160,6 +160,30 @@ func TestHAJoin(t *testing.T) {
 	for len(a.hub.serverList()) != 2 {
 		if time.Now().After(deadline) {
 			t.Fatalf("servers = %+v, want both", a.hub.serverList())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// n1's netmap stream on a lists both servers, and b sees n1 ready
+	// (readiness keys), though the stream is not on b.
+	ch, code := a.stream(t, j1)
+	if code != http.StatusOK {
+		t.Fatalf("stream: %d", code)
+	}
+	waitFor(t, ch, "a netmap listing both servers", func(nm api.NetMap) bool {
+		return len(nm.Servers) == 2 && nm.ServerName == "srv-a"
+	})
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		ready := false
+		for _, n := range b.hub.nodesWithStatus() {
+			ready = ready || (n.Name == "n1" && n.Ready)
+		}
+		if ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second server does not see n1 ready while its stream is open on the first")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
