@@ -15,6 +15,7 @@ import (
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 
+	"github.com/trellis-mesh/trellis/internal/cli"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/server"
 	"github.com/trellis-mesh/trellis/internal/store"
@@ -139,5 +140,29 @@ func runDatastore(ctx context.Context, args []string, stdout, stderr io.Writer, 
 		return nil
 	}
 	fmt.Fprintf(stdout, "snapshot saved to %s\n", file)
+	return nil
+}
+
+// runServerLeave implements 'trellis server leave': the server of the
+// admin config (this host's) leaves the cluster of servers.
+func runServerLeave(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
+	fs := flag.NewFlagSet("server leave", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	adminConfig := adminFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := settle(fs, getenv, nil); err != nil {
+		return err
+	}
+	c, err := cli.Load(*adminConfig)
+	if err != nil {
+		return err
+	}
+	resp, err := c.LeaveServer(ctx)
+	if err != nil {
+		return fmt.Errorf("leave: %w", err)
+	}
+	fmt.Fprintf(stdout, "server %s left the cluster (etcd member removed: %v); stop it now, then remove its data dir before it joins again\n", resp.Server, resp.EtcdMemberRemoved)
 	return nil
 }

@@ -36,6 +36,7 @@ Usage:
   trellis proxy NODE PORT [--listen ADDR:PORT]  carry local connections to 127.0.0.1:PORT on NODE
   trellis paths [-o table|json]   how every node reaches every other: direct or relayed, and why
   trellis node delete NAME        remove a node from the cluster
+  trellis server leave            this server leaves the cluster of servers (its etcd member too); stop it afterwards
   trellis datastore snapshot save|restore FILE [--data-dir D]  back up or restore the datastore (SQLite, embedded etcd)
   trellis cleanup [--data-dir D]  remove what this node's agent created (interface, routes, bridge, CNI config, VPN routes); also: uninstall, agent --cleanup
   trellis token create [--ttl D]  make a join token for agents (also: list, revoke ID, rotate)
@@ -67,6 +68,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	}
 	switch args[0] {
 	case "server":
+		if len(args) > 1 && args[1] == "leave" {
+			return runServerLeave(ctx, args[2:], stdout, stderr, getenv)
+		}
 		return runServer(ctx, args[1:], stderr, getenv)
 	case "agent":
 		return runAgent(ctx, args[1:], stderr, getenv)

@@ -50,3 +50,16 @@ type EtcdJoinResponse struct {
 	CACert []byte `json:"caCert"`
 	CAKey  []byte `json:"caKey"`
 }
+
+// PathServerLeave makes the server that serves it leave the cluster
+// (POST, admin): its registration, its node and its embedded etcd member
+// are removed; the server must be stopped afterwards.
+const PathServerLeave = "/v1/servers/leave"
+
+// ServerLeaveResponse answers POST PathServerLeave.
+type ServerLeaveResponse struct {
+	// Server is the name of the server that left.
+	Server string `json:"server"`
+	// EtcdMemberRemoved tells whether an embedded etcd member was removed.
+	EtcdMemberRemoved bool `json:"etcdMemberRemoved"`
+}

@@ -474,6 +474,56 @@ func (c *joinClient) rtt(ctx context.Context, n int) (time.Duration, error) {
 func (s *Server) haRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET "+api.PathEtcdMembers, s.serverToken(s.handleEtcdMembers))
 	mux.HandleFunc("POST "+api.PathEtcdMembers, s.serverToken(s.handleEtcdJoin))
+	mux.HandleFunc("POST "+api.PathServerLeave, s.admin(s.handleLeave))
+}
+
+// handleLeave removes this server from the cluster: its registration, its
+// node, and last its etcd member (after which its datastore stops
+// answering). Refused for the last server.
+func (s *Server) handleLeave(w http.ResponseWriter, r *http.Request) {
+	name := s.cfg.NodeName
+	if !s.sharedStore() {
+		writeError(w, http.StatusConflict, api.ErrCodeBadRequest, "this server is the cluster's only server (its datastore is SQLite): there is nothing to leave")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	kvs, _, err := s.store.List(ctx, prefixServers)
+	if err != nil {
+		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, err.Error())
+		return
+	}
+	others := 0
+	for _, kv := range kvs {
+		if strings.TrimPrefix(kv.Key, prefixServers) != name {
+			others++
+		}
+	}
+	if others == 0 {
+		writeError(w, http.StatusConflict, api.ErrCodeBadRequest, "this is the last server of the cluster: it cannot leave (stop it instead)")
+		return
+	}
+	if _, rev, err := s.store.Get(ctx, prefixServers+name); err == nil {
+		if err := s.store.Delete(ctx, prefixServers+name, rev); err != nil && !errors.Is(err, store.ErrNotFound) {
+			writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, err.Error())
+			return
+		}
+	}
+	if _, err := s.reg.remove(ctx, name); err != nil && !errors.Is(err, store.ErrNotFound) {
+		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, err.Error())
+		return
+	}
+	resp := api.ServerLeaveResponse{Server: name}
+	if s.store.IsEmbedded() {
+		removed, err := s.store.RemoveMember(ctx, name)
+		if err != nil {
+			writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "removing this server's etcd member failed: "+err.Error()+"; run 'trellis node delete "+name+"' on another server")
+			return
+		}
+		resp.EtcdMemberRemoved = removed
+	}
+	s.log.Warn("this server left the cluster; stop it now (its data dir can then be removed)", "server", name, "etcdMemberRemoved", resp.EtcdMemberRemoved)
+	writeJSON(w, http.StatusOK, resp)
 }
 
 // serverToken lets through only calls bearing the server token: agent

@@ -212,4 +212,29 @@ func TestHAJoin(t *testing.T) {
 	if _, _, err := b.reg.get(context.Background(), "n1"); err != nil {
 		t.Fatalf("the two servers left do not answer: %v", err)
 	}
+
+	// b leaves by itself (trellis server leave); a, the last server,
+	// cannot.
+	for _, tc := range []struct {
+		ts   *testServer
+		want int
+	}{{b, http.StatusOK}, {a, http.StatusConflict}} {
+		req, _ = http.NewRequest(http.MethodPost, tc.ts.URL()+api.PathServerLeave, nil)
+		resp, err = tc.ts.adminClient(t).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Fatalf("leave %s: %d, want %d", tc.ts.cfg.NodeName, resp.StatusCode, tc.want)
+		}
+	}
+	if m, _ := a.members(t, a.Token()); len(m.Members) != 1 || m.Members[0].Name != "srv-a" {
+		t.Fatalf("members after srv-b left: %+v", m)
+	}
+	if a.isServerName(context.Background(), "srv-b") {
+		t.Error("srv-b is still registered after it left")
+	}
+	_ = b.Close()
 }
