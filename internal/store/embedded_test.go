@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"net/url"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -271,4 +272,21 @@ func startPlainEtcd(t testing.TB) string {
 // tlsFor returns the client TLS of a test member (its own certificate).
 func tlsFor(m store.Embedded) (*tls.Config, error) {
 	return transport.TLSInfo{CertFile: m.CertFile, KeyFile: m.KeyFile, TrustedCAFile: m.CAFile}.ClientConfig()
+}
+
+// waitPeerConnsClosed waits (up to 15 s) until the connections between
+// etcd members of closed test clusters are gone: they end some seconds
+// after the members closed (cmux connections ignore the read deadline
+// net/http sets on close), and the leak check must not count them.
+func waitPeerConnsClosed() {
+	deadline := time.Now().Add(15 * time.Second)
+	buf := make([]byte, 1<<20)
+	for time.Now().Before(deadline) {
+		n := runtime.Stack(buf, true)
+		s := string(buf[:n])
+		if !strings.Contains(s, "net/http.(*connReader).abortPendingRead") && !strings.Contains(s, "net/http.(*persistConn).readLoop") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
