@@ -264,7 +264,9 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 	if err := pki.WriteFileAtomic(a.cfg.dir("node.key"), keyPEM, 0o600); err != nil {
 		return nil, err
 	}
+	a.mu.Lock() // the probe handler reads these
 	a.self, a.cidrs, a.members = jr.Node, jr.ClusterCIDRs, jr.Members
+	a.mu.Unlock()
 	a.servers.update(srv, jr.ServerName, jr.Servers)
 	a.log.Info("joined the cluster", "server", srv, "podCIDRs", jr.Node.PodCIDRs, "roles", jr.Node.Roles, "took", time.Since(start).Round(time.Millisecond))
 	a.metrics.joined(time.Since(start))
