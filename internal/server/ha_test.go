@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -76,7 +77,7 @@ func TestHAJoin(t *testing.T) {
 	// Runs last: etcd's peer connections between members end some
 	// seconds after the members closed (cmux conns ignore the deadline
 	// net/http sets), and the leak check must not count them.
-	t.Cleanup(func() { time.Sleep(5 * time.Second) })
+	t.Cleanup(waitPeerConnsClosed)
 	a := startServer(t, t.TempDir(), func(c *Config) {
 		haServer(t, "srv-a", func(h *HAConfig) { h.ClusterInit = true })(c)
 		c.AgentToken = "agent-secret-0123456789"
@@ -237,4 +238,19 @@ func TestHAJoin(t *testing.T) {
 		t.Error("srv-b is still registered after it left")
 	}
 	_ = b.Close()
+}
+
+// waitPeerConnsClosed waits (up to 15 s) until the connections between
+// etcd members of closed servers are gone.
+func waitPeerConnsClosed() {
+	deadline := time.Now().Add(15 * time.Second)
+	buf := make([]byte, 1<<20)
+	for time.Now().Before(deadline) {
+		n := runtime.Stack(buf, true)
+		s := string(buf[:n])
+		if !strings.Contains(s, "net/http.(*connReader).abortPendingRead") && !strings.Contains(s, "net/http.(*persistConn).readLoop") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
