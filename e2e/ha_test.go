@@ -118,6 +118,7 @@ func TestHAServers(t *testing.T) {
 	a1 := lab.Cloud("a1", "192.0.2.21/24", "10.20.0.21/24")
 	b1 := lab.Cloud("b1", "203.0.113.31/24", "10.30.0.31/24")
 	a2 := lab.Machine("a2", "192.0.2.22/24", a1.LAN, "10.20.0.22/24")
+	b2 := lab.Machine("b2", "203.0.113.32/24", b1.LAN, "10.30.0.32/24")
 
 	start := time.Now()
 	srv1 := c.startHAServer(s1, nil)
@@ -126,8 +127,9 @@ func TestHAServers(t *testing.T) {
 	t.Logf("measured: three servers with embedded etcd up in %v", time.Since(start).Round(time.Millisecond))
 	ag1 := c.startAgentVia(a1, srv1)
 	ag2 := c.startAgentVia(b1, srv1)
+	doomed := c.startAgentVia(b2, srv1) // deleted while a server is down
 	all := []*member{srv1, srv2, srv3, ag1, ag2}
-	nodes := c.waitListed(joinTimeout, all, all)
+	nodes := c.waitListed(joinTimeout, append(all, doomed), append(all, doomed))
 	for _, s := range []*member{srv1, srv2, srv3} {
 		if n := nodes[s.Name]; !n.HasRole(api.RoleServer) {
 			t.Errorf("%s has roles %v, want server", s.Name, nodes[s.Name].Roles)
@@ -179,6 +181,11 @@ func TestHAServers(t *testing.T) {
 	survivors := []*member{srv2, srv3, ag1, ag2}
 	c.checkPods("after the kill", survivors, survivors, meshTimeout)
 
+	// Deletes work with a server down.
+	if out, err := c.lab.Output(c.server.NS, c.bin, "node", "delete", doomed.Name, "--admin-config", c.adminConfig()); err != nil {
+		t.Fatalf("trellis node delete with a server down: %v: %s", err, out)
+	}
+
 	// A new agent joins through a surviving server.
 	ag3 := c.startAgentVia(a2, srv2)
 	joinStart := time.Now()
@@ -190,6 +197,9 @@ func TestHAServers(t *testing.T) {
 
 	// Nothing written before the kill is lost.
 	for name, n := range before {
+		if name == doomed.Name {
+			continue
+		}
 		got, ok := after[name]
 		switch {
 		case !ok:
