@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
@@ -104,6 +105,39 @@ type registry struct {
 	kv           kv
 	clusterCIDRs []netip.Prefix
 	now          func() time.Time
+
+	// claimsMu serialises this server's claims; claims caches the claim
+	// keys (prefix → node) so that a join does not list them all. It is
+	// only a hint: the store's compare-and-swap decides, and a lost race
+	// (another server claimed) reloads it. nil means "load first".
+	claimsMu sync.Mutex
+	claims   map[netip.Prefix]string
+}
+
+// loadClaimsLocked reads every claim from the store into the cache.
+func (r *registry) loadClaimsLocked(ctx context.Context) error {
+	kvs, _, err := r.kv.List(ctx, prefixClaims)
+	if err != nil {
+		return fmt.Errorf("list pod CIDR claims: %w", err)
+	}
+	r.claims = make(map[netip.Prefix]string, len(kvs))
+	for _, e := range kvs {
+		p, err := netip.ParsePrefix(strings.ReplaceAll(strings.TrimPrefix(e.Key, prefixClaims), "_", "/"))
+		if err != nil {
+			continue
+		}
+		var c claim
+		_ = json.Unmarshal(e.Value, &c)
+		r.claims[p] = c.Node
+	}
+	return nil
+}
+
+// forgetClaims drops the cache after claims were deleted.
+func (r *registry) forgetClaims() {
+	r.claimsMu.Lock()
+	r.claims = nil
+	r.claimsMu.Unlock()
 }
 
 // ensureCluster records the cluster CIDRs at first start and refuses to
@@ -251,20 +285,18 @@ func (r *registry) claim(ctx context.Context, name string) ([]netip.Prefix, erro
 }
 
 func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name string) (netip.Prefix, error) {
+	r.claimsMu.Lock()
+	defer r.claimsMu.Unlock()
 	for attempt := range maxCASRetries {
-		kvs, _, err := r.kv.List(ctx, prefixClaims)
-		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("list pod CIDR claims: %w", err)
-		}
-		used := map[netip.Prefix]bool{}
-		for _, e := range kvs {
-			p, err := netip.ParsePrefix(strings.ReplaceAll(strings.TrimPrefix(e.Key, prefixClaims), "_", "/"))
-			if err != nil {
-				continue
+		if r.claims == nil || attempt > 0 {
+			if err := r.loadClaimsLocked(ctx); err != nil {
+				return netip.Prefix{}, err
 			}
-			var c claim
-			if json.Unmarshal(e.Value, &c) == nil && c.Node == name && ipam.Contains(cluster, p) {
-				return p, nil
+		}
+		used := make(map[netip.Prefix]bool, len(r.claims))
+		for p, node := range r.claims {
+			if node == name && ipam.Contains(cluster, p) {
+				return p, nil // left by an interrupted join of this node
 			}
 			used[p] = true
 		}
@@ -287,6 +319,7 @@ func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name strin
 		} else if err != nil {
 			return netip.Prefix{}, fmt.Errorf("claim %s: %w", p, err)
 		}
+		r.claims[p] = name
 		return p, nil
 	}
 	return netip.Prefix{}, fmt.Errorf("claim a pod CIDR for %q: too many concurrent joins, try again", name)
@@ -312,6 +345,7 @@ func (r *registry) remove(ctx context.Context, name string) (*record, error) {
 
 // releaseClaims deletes the pod CIDR claims held by name.
 func (r *registry) releaseClaims(ctx context.Context, name string) {
+	defer r.forgetClaims()
 	kvs, _, err := r.kv.List(ctx, prefixClaims)
 	if err != nil {
 		return
@@ -348,6 +382,9 @@ func (r *registry) reclaimOrphans(ctx context.Context, grace time.Duration) (int
 		if r.kv.Delete(ctx, e.Key, e.ModRevision) == nil {
 			n++
 		}
+	}
+	if n > 0 {
+		r.forgetClaims()
 	}
 	return n, nil
 }
