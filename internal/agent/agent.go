@@ -38,12 +38,13 @@ type Agent struct {
 
 	lastVersion int64 // only touched by the netmap stream's goroutine
 
-	mu       sync.Mutex
-	client   *apiClient             // guarded by mu; the joined client, nil before
-	peers    map[api.Key]*peerState // guarded by mu; peers of the last netmap
-	addrs    addrSet                // guarded by mu; the node's current addresses
-	external []netip.Addr           // guarded by mu; --node-external-ip, reloadable
-	kick     chan struct{}          // restarts the netmap stream (addresses changed)
+	mu        sync.Mutex
+	client    *apiClient             // guarded by mu; the joined client, nil before
+	peers     map[api.Key]*peerState // guarded by mu; peers of the last netmap
+	addrs     addrSet                // guarded by mu; the node's current addresses
+	external  []netip.Addr           // guarded by mu; --node-external-ip, reloadable
+	kick      chan struct{}          // restarts the netmap stream (addresses changed)
+	endpoints endpointMemory         // guarded by mu; endpoints that last worked (endpoints.go)
 
 	tunnelState tunnelStatus // the tunnel client once it runs (status.go)
 	servers     *serverList  // every server; API calls go to the current one (servers.go)
@@ -97,6 +98,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	a.addrs = a.detectAddrs()
 	a.external = a.cfg.ExternalIPs
+	a.endpoints = loadEndpoints(a.cfg.dir("endpoints.json"))
 	if len(a.addrs.internal) == 0 {
 		a.log.Warn("no default route, so no node IP could be detected; set --node-ip")
 	}
@@ -432,14 +434,13 @@ func (a *Agent) apply(nm api.NetMap) {
 		if ps == nil {
 			ps = &peerState{since: now}
 		}
-		// Keep a working path: WireGuard follows a peer that roams (a NAT
-		// that maps it elsewhere than the server observed) and we do not
-		// pull it back, unless the netmap announces a new address.
-		if cur, ok := current[p.PublicKey]; ok && ps.desired == mp.Endpoint && cur.Endpoint.IsValid() &&
-			handshakeFresh(cur.LastHandshake, now) {
-			mp.Endpoint = cur.Endpoint
+		var cur *mesh.PeerStatus
+		if c, ok := current[p.PublicKey]; ok {
+			cur = &c
 		}
-		ps.name, ps.desired = p.Name, p.Endpoint
+		desired := mp.Endpoint
+		mp.Endpoint = chooseEndpoint(desired, ps.desired, cur, a.endpoints[p.PublicKey], now)
+		ps.name, ps.desired = p.Name, desired
 		a.peers[p.PublicKey] = ps
 		peers = append(peers, mp)
 	}

@@ -84,6 +84,7 @@ func (a *Agent) observations(now time.Time) []api.Observation {
 	if err != nil {
 		return nil
 	}
+	a.rememberWorking(st, now)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]api.Observation, 0, len(st))
