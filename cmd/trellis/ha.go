@@ -15,7 +15,6 @@ import (
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 
-	"github.com/trellis-mesh/trellis/internal/cli"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/server"
 	"github.com/trellis-mesh/trellis/internal/store"
@@ -148,14 +147,11 @@ func runDatastore(ctx context.Context, args []string, stdout, stderr io.Writer, 
 func runServerLeave(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := flag.NewFlagSet("server leave", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	adminConfig := adminFlags(fs)
+	adminFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := settle(fs, getenv, nil); err != nil {
-		return err
-	}
-	c, err := cli.Load(*adminConfig)
+	c, err := adminClient(fs, getenv)
 	if err != nil {
 		return err
 	}

@@ -408,10 +408,20 @@ func adminFlags(fs *flag.FlagSet) *string {
 	return fs.String("admin-config", cli.DefaultAdminConfig, "admin config written by the server (TRELLIS_ADMIN_CONFIG)")
 }
 
+// adminClient settles the parsed flags of an operator command from the
+// environment (TRELLIS_ADMIN_CONFIG and the like) and loads the admin
+// config they name.
+func adminClient(fs *flag.FlagSet, getenv func(string) string) (*cli.Client, error) {
+	if err := settle(fs, getenv, nil); err != nil {
+		return nil, err
+	}
+	return cli.Load(fs.Lookup("admin-config").Value.String())
+}
+
 func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := flag.NewFlagSet("node delete", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	adminConfig := adminFlags(fs)
+	adminFlags(fs)
 	// Accept the name before or after the flags.
 	var names []string
 	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -424,10 +434,7 @@ func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer,
 	if len(names) == 0 {
 		return errors.New("usage: trellis node delete NAME")
 	}
-	if err := settle(fs, getenv, nil); err != nil {
-		return err
-	}
-	c, err := cli.Load(*adminConfig)
+	c, err := adminClient(fs, getenv)
 	if err != nil {
 		return err
 	}
@@ -443,15 +450,12 @@ func runNodeDelete(ctx context.Context, args []string, stdout, stderr io.Writer,
 func runPaths(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) error {
 	fs := flag.NewFlagSet("paths", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	adminConfig := adminFlags(fs)
+	adminFlags(fs)
 	output := fs.String("o", "table", "output format: table or json")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if err := settle(fs, getenv, nil); err != nil {
-		return err
-	}
-	c, err := cli.Load(*adminConfig)
+	c, err := adminClient(fs, getenv)
 	if err != nil {
 		return err
 	}

@@ -19,7 +19,7 @@ func runToken(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 	}
 	fs := flag.NewFlagSet("token "+args[0], flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	adminConfig := adminFlags(fs)
+	adminFlags(fs)
 	ttl := fs.Duration("ttl", 0, "lifetime of the token (0: no expiry)")
 	desc := fs.String("description", "", "what the token is for")
 	output := fs.String("o", "table", "output format: table or json")
@@ -33,10 +33,7 @@ func runToken(ctx context.Context, args []string, stdout, stderr io.Writer, gete
 		return err
 	}
 	pos = append(pos, fs.Args()...)
-	if err := settle(fs, getenv, nil); err != nil {
-		return err
-	}
-	c, err := cli.Load(*adminConfig)
+	c, err := adminClient(fs, getenv)
 	if err != nil {
 		return err
 	}

@@ -529,25 +529,15 @@ func (s *Server) handleLeave(w http.ResponseWriter, r *http.Request) {
 // serverToken lets through only calls bearing the server token: agent
 // tokens, created tokens and node credentials are refused.
 func (s *Server) serverToken(h http.HandlerFunc) http.HandlerFunc {
+	const wrong = "this call needs the server token (K10…::server:…) from <data-dir>/server/token of a server; agent tokens cannot join servers"
 	return func(w http.ResponseWriter, r *http.Request) {
-		src := remoteIP(r)
-		if !s.joins.allow(src) {
-			writeError(w, http.StatusTooManyRequests, api.ErrCodeUnauthorized, "too many attempts from this address; wait a minute and try again")
-			return
-		}
-		bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		kind, ok := s.bearerToken(w, r, "this call needs the server token: pass --token with the content of <data-dir>/server/token of a server", wrong)
 		if !ok {
-			writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "this call needs the server token: pass --token with the content of <data-dir>/server/token of a server")
 			return
 		}
-		t, err := token.Parse(strings.TrimSpace(bearer))
-		var kind token.Kind
-		if err == nil {
-			kind, ok = s.authorizeJoin(r.Context(), t)
-		}
-		if err != nil || !ok || kind != token.KindServer {
-			s.log.Warn("server join refused: not the server token", "source", src)
-			writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "this call needs the server token (K10…::server:…) from <data-dir>/server/token of a server; agent tokens cannot join servers")
+		if kind != token.KindServer {
+			s.log.Warn("server join refused: not the server token", "source", remoteIP(r))
+			writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, wrong)
 			return
 		}
 		h(w, r)

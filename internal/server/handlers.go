@@ -140,16 +140,19 @@ func validateJoin(req *api.JoinRequest) error {
 	return nil
 }
 
-func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
+// bearerToken checks the join token r bears, rate-limited per source
+// address, and returns what it may join. When it returns false it has
+// answered r: missing is the message for no token, wrong for a refused one.
+func (s *Server) bearerToken(w http.ResponseWriter, r *http.Request, missing, wrong string) (token.Kind, bool) {
 	src := remoteIP(r)
 	if !s.joins.allow(src) {
 		writeError(w, http.StatusTooManyRequests, api.ErrCodeUnauthorized, "too many join attempts from this address; wait a minute and try again")
-		return
+		return 0, false
 	}
 	bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
-		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "join needs a token: pass --token with the content of the server's token file")
-		return
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, missing)
+		return 0, false
 	}
 	t, err := token.Parse(strings.TrimSpace(bearer))
 	var kind token.Kind
@@ -157,8 +160,19 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		kind, ok = s.authorizeJoin(r.Context(), t)
 	}
 	if err != nil || !ok {
-		s.log.Warn("join refused: wrong, expired or revoked token", "source", src)
-		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, "the join token is wrong, expired or revoked: copy it again from the server's token file (<data-dir>/server/token) or make a new one with 'trellis token create'")
+		s.log.Warn("join refused: wrong, expired or revoked token", "source", src, "path", r.URL.Path)
+		writeError(w, http.StatusUnauthorized, api.ErrCodeUnauthorized, wrong)
+		return 0, false
+	}
+	return kind, true
+}
+
+func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
+	src := remoteIP(r)
+	kind, ok := s.bearerToken(w, r,
+		"join needs a token: pass --token with the content of the server's token file",
+		"the join token is wrong, expired or revoked: copy it again from the server's token file (<data-dir>/server/token) or make a new one with 'trellis token create'")
+	if !ok {
 		return
 	}
 	var req api.JoinRequest
