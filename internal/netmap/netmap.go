@@ -3,6 +3,7 @@
 package netmap
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -46,8 +47,15 @@ type View struct {
 	obs map[string]map[string]api.Observation
 	// observed[{b, v6}] is b's endpoint of that family as a node with a
 	// working handshake sees it: for a node behind NAT, its NAT mapping.
-	observed map[observedKey]netip.AddrPort
+	// The first reporter by name wins.
+	observed map[observedKey]sighting
 	relays   []*api.Node // sorted by name
+	// keyOwner[k] is the first node (in nodes order) that may be a peer
+	// and has public key k: two records with one key would make
+	// WireGuard route one node's traffic to the other, so only the first
+	// is a peer. keyCount counts every record with the key.
+	keyOwner map[api.Key]string
+	keyCount map[api.Key]int
 }
 
 // observedKey names a node's observed endpoint of one address family.
@@ -56,59 +64,169 @@ type observedKey struct {
 	v6   bool
 }
 
-// NewView indexes nodes for the policy. nodes is not modified or kept
-// beyond its elements' values.
+// sighting is an observed endpoint and the node that reported it.
+type sighting struct {
+	ep netip.AddrPort
+	by string
+}
+
+// NewView indexes nodes for the policy. The view keeps nodes: the caller
+// must not modify it afterwards.
 func NewView(nodes []api.Node, p Policy) *View {
 	v := &View{
 		policy:   p,
 		nodes:    nodes,
-		byName:   make(map[string]*api.Node, len(nodes)),
 		obs:      make(map[string]map[string]api.Observation, len(nodes)),
-		observed: map[observedKey]netip.AddrPort{},
+		observed: map[observedKey]sighting{},
 	}
-	for i := range nodes {
-		n := &nodes[i]
-		if _, dup := v.byName[n.Name]; dup {
-			continue
-		}
-		v.byName[n.Name] = n
-	}
+	v.index()
 	// Reporters in name order, so the chosen observation is stable.
-	names := make([]string, 0, len(v.byName))
-	for name := range v.byName {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	for _, name := range names {
+	for _, name := range v.names() {
 		n := v.byName[name]
 		if len(n.Observations) == 0 {
 			continue
 		}
-		m := make(map[string]api.Observation, len(n.Observations))
+		v.obs[name] = observationMap(n)
 		for _, o := range n.Observations {
-			m[o.Peer] = o
-			if o.Handshake != api.HandshakeOK || !o.Endpoint.IsValid() || !ValidEndpoint(o.Endpoint.Addr()) {
+			ep, ok := sightingIn(o)
+			if !ok {
 				continue
 			}
-			k := observedKey{node: o.Peer, v6: is6(o.Endpoint.Addr())}
+			k := observedKey{node: o.Peer, v6: is6(ep.Addr())}
 			if _, have := v.observed[k]; !have {
-				v.observed[k] = o.Endpoint
+				v.observed[k] = sighting{ep: ep, by: name}
 			}
 		}
-		v.obs[name] = m
-		if (n.Relay || n.HasRole(api.RoleServer)) && hasDataPlane(n) {
-			v.relays = append(v.relays, n)
+	}
+	return v
+}
+
+// Next returns the view of nodes, which differ from v's only in the
+// records named in changed (added, updated or removed). It reuses what
+// it can of v: the cost is O(nodes) plus the observations of the changed
+// records, not O(all observations) as for NewView. Like NewView, it keeps
+// nodes.
+func (v *View) Next(nodes []api.Node, changed []string) *View {
+	nv := &View{
+		policy:   v.policy,
+		nodes:    nodes,
+		obs:      make(map[string]map[string]api.Observation, len(v.obs)+len(changed)),
+		observed: maps.Clone(v.observed),
+	}
+	nv.index()
+	isChanged := make(map[string]bool, len(changed))
+	for _, name := range changed {
+		isChanged[name] = true
+	}
+	for name, m := range v.obs {
+		if !isChanged[name] && nv.byName[name] != nil {
+			nv.obs[name] = m
 		}
 	}
-	for _, name := range names {
-		n := v.byName[name]
-		if len(n.Observations) == 0 && (n.Relay || n.HasRole(api.RoleServer)) && hasDataPlane(n) {
+	for _, name := range changed {
+		if n := nv.byName[name]; n != nil && len(n.Observations) > 0 {
+			nv.obs[name] = observationMap(n)
+		}
+	}
+	var names []string // sorted, built on the first rescan
+	for _, x := range changed {
+		for b := range unionKeys(v.obs[x], nv.obs[x]) {
+			for _, v6 := range []bool{false, true} {
+				k := observedKey{node: b, v6: v6}
+				cur, have := nv.observed[k]
+				switch {
+				case have && isChanged[cur.by]:
+					// The reporter that was first changed: ask every one.
+					if names == nil {
+						names = nv.names()
+					}
+					nv.rescan(k, names)
+				case have && cur.by < x:
+					// An earlier reporter still has it.
+				default:
+					if ep, ok := sightingIn(nv.obs[x][b]); ok && is6(ep.Addr()) == v6 {
+						nv.observed[k] = sighting{ep: ep, by: x}
+					}
+				}
+			}
+		}
+	}
+	return nv
+}
+
+// index fills the indexes that are cheap to build from scratch: by name,
+// relays and key owners.
+func (v *View) index() {
+	v.byName = make(map[string]*api.Node, len(v.nodes))
+	v.keyOwner = make(map[api.Key]string, len(v.nodes))
+	v.keyCount = make(map[api.Key]int, len(v.nodes))
+	for i := range v.nodes {
+		n := &v.nodes[i]
+		if _, dup := v.byName[n.Name]; dup {
+			continue
+		}
+		v.byName[n.Name] = n
+		v.keyCount[n.PublicKey]++
+		if _, taken := v.keyOwner[n.PublicKey]; !taken && hasDataPlane(n) && len(AllowedIPs(n, v.policy.ClusterCIDRs)) > 0 {
+			v.keyOwner[n.PublicKey] = n.Name
+		}
+		if relayCapable(n) && hasDataPlane(n) {
 			v.relays = append(v.relays, n)
 		}
 	}
 	slices.SortFunc(v.relays, func(a, b *api.Node) int { return strings.Compare(a.Name, b.Name) })
-	return v
 }
+
+// names returns the node names, sorted.
+func (v *View) names() []string {
+	return slices.Sorted(maps.Keys(v.byName))
+}
+
+// rescan finds the first reporter (of names, sorted) of k's endpoint.
+func (v *View) rescan(k observedKey, names []string) {
+	delete(v.observed, k)
+	for _, r := range names {
+		o, ok := v.obs[r][k.node]
+		if !ok {
+			continue
+		}
+		if ep, ok := sightingIn(o); ok && is6(ep.Addr()) == k.v6 {
+			v.observed[k] = sighting{ep: ep, by: r}
+			return
+		}
+	}
+}
+
+func observationMap(n *api.Node) map[string]api.Observation {
+	m := make(map[string]api.Observation, len(n.Observations))
+	for _, o := range n.Observations {
+		m[o.Peer] = o
+	}
+	return m
+}
+
+// sightingIn returns the endpoint an observation vouches for: one with a
+// working handshake at a usable address.
+func sightingIn(o api.Observation) (netip.AddrPort, bool) {
+	if o.Handshake != api.HandshakeOK || !o.Endpoint.IsValid() || !ValidEndpoint(o.Endpoint.Addr()) {
+		return netip.AddrPort{}, false
+	}
+	return o.Endpoint, true
+}
+
+func unionKeys[V any](a, b map[string]V) map[string]struct{} {
+	out := make(map[string]struct{}, len(a)+len(b))
+	for k := range a {
+		out[k] = struct{}{}
+	}
+	for k := range b {
+		out[k] = struct{}{}
+	}
+	return out
+}
+
+// relayCapable reports whether n may relay (servers and --relay nodes).
+func relayCapable(n *api.Node) bool { return n.Relay || n.HasRole(api.RoleServer) }
 
 func hasDataPlane(n *api.Node) bool { return !n.PublicKey.IsZero() && n.ListenPort != 0 }
 
@@ -124,34 +242,18 @@ func (v *View) Peers(self string) []api.Peer {
 	}
 	peers := make([]api.Peer, 0, len(v.byName))
 	index := map[string]int{}
-	seenKeys := map[api.Key]bool{me.PublicKey: true}
 	var relayed []api.Path
 	for i := range v.nodes {
 		n := &v.nodes[i]
-		if n.Name == self || v.byName[n.Name] != n || !hasDataPlane(n) || seenKeys[n.PublicKey] {
-			// Two records with one key would make WireGuard route one
-			// node's traffic to the other: keep the first only.
+		if v.byName[n.Name] != n {
 			continue
 		}
-		allowed := AllowedIPs(n, v.policy.ClusterCIDRs)
-		if len(allowed) == 0 {
+		peer, path, ok := v.entry(me, n)
+		if !ok {
 			continue
 		}
-		seenKeys[n.PublicKey] = true
-		path := v.Path(self, n.Name)
-		peer := api.Peer{
-			Name:                n.Name,
-			PublicKey:           n.PublicKey,
-			Endpoint:            v.Endpoint(me, n),
-			AllowedIPs:          allowed,
-			PersistentKeepalive: v.policy.Keepalive,
-		}
-		if path.Kind != api.PathDirect {
-			peer.AllowedIPs = []netip.Prefix{}
-			peer.Via, peer.Reason = path.Via, path.Reason
-			if path.Kind == api.PathRelayed {
-				relayed = append(relayed, path)
-			}
+		if path.Kind == api.PathRelayed {
+			relayed = append(relayed, path)
 		}
 		index[n.Name] = len(peers)
 		peers = append(peers, peer)
@@ -168,6 +270,45 @@ func (v *View) Peers(self string) []api.Peer {
 	}
 	slices.SortFunc(peers, func(a, b api.Peer) int { return strings.Compare(a.Name, b.Name) })
 	return peers
+}
+
+// Peer returns the entry for name in self's peers, as Peers(self) has it,
+// and whether self reaches name directly. The one difference: a relay's
+// entry here lacks the pod CIDRs of the peers self reaches through it.
+// ok is false when name is not among self's peers.
+func (v *View) Peer(self, name string) (peer api.Peer, direct, ok bool) {
+	me, n := v.byName[self], v.byName[name]
+	if me == nil || n == nil {
+		return api.Peer{}, false, false
+	}
+	peer, path, ok := v.entry(me, n)
+	slices.SortFunc(peer.AllowedIPs, comparePrefix)
+	return peer, ok && path.Kind == api.PathDirect, ok
+}
+
+// entry computes me's peer entry for n, without the pod CIDRs of peers
+// relayed through n.
+func (v *View) entry(me, n *api.Node) (api.Peer, api.Path, bool) {
+	if n == me || !hasDataPlane(n) || n.PublicKey == me.PublicKey || v.keyOwner[n.PublicKey] != n.Name {
+		return api.Peer{}, api.Path{}, false
+	}
+	allowed := AllowedIPs(n, v.policy.ClusterCIDRs)
+	if len(allowed) == 0 {
+		return api.Peer{}, api.Path{}, false
+	}
+	path := v.Path(me.Name, n.Name)
+	peer := api.Peer{
+		Name:                n.Name,
+		PublicKey:           n.PublicKey,
+		Endpoint:            v.Endpoint(me, n),
+		AllowedIPs:          allowed,
+		PersistentKeepalive: v.policy.Keepalive,
+	}
+	if path.Kind != api.PathDirect {
+		peer.AllowedIPs = []netip.Prefix{}
+		peer.Via, peer.Reason = path.Via, path.Reason
+	}
+	return peer, path, true
 }
 
 func comparePrefix(a, b netip.Prefix) int {
@@ -297,7 +438,7 @@ func (v *View) endpointIn(from, to *api.Node, v6 bool) netip.AddrPort {
 		}
 		return netip.AddrPort{}
 	}
-	observed := v.observed[observedKey{node: to.Name, v6: v6}]
+	observed := v.observed[observedKey{node: to.Name, v6: v6}].ep
 	if !usable(observed.Addr()) {
 		observed = netip.AddrPort{}
 	}
