@@ -6,6 +6,8 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -17,8 +19,8 @@ const (
 	PathPing = "/ping"
 	// PathJoin takes a JoinRequest authenticated by a join token.
 	PathJoin = "/v1/join"
-	// PathNetmap streams NetMap messages (one JSON object per line) to a node
-	// authenticated by its node certificate.
+	// PathNetmap streams NetMapLine messages (one JSON object per line) to
+	// a node authenticated by its node certificate.
 	PathNetmap = "/v1/netmap"
 	// PathNodes lists nodes (GET, admin). PathNodes+"/NAME" deletes one
 	// (DELETE, admin).
@@ -170,8 +172,9 @@ func (n *Node) HasRole(r string) bool {
 	return false
 }
 
-// NetMap is what a node needs to configure its data plane. The server sends a
-// complete NetMap on every change.
+// NetMap is what a node needs to configure its data plane. A stream starts
+// with a complete NetMap; then it sends a complete one on every change,
+// or, to agents that ask for them (NetmapDeltasParam), a NetMapDelta.
 type NetMap struct {
 	// Version increases with every change of the cluster state.
 	Version int64 `json:"version"`
@@ -186,6 +189,80 @@ type NetMap struct {
 	Servers []Server `json:"servers,omitempty"`
 	// ServerName is the name of the server that sent the netmap.
 	ServerName string `json:"serverName,omitempty"`
+}
+
+// NetmapDeltasParam, set to "1" in the query of a PathNetmap request, asks
+// for deltas: after the first line, the stream sends what changed
+// (NetMapLine.Delta) instead of whole netmaps. In a cluster of N nodes a
+// change then costs O(N) bytes across all streams instead of O(N²).
+const NetmapDeltasParam = "deltas"
+
+// NetMapLine is one line of a netmap stream: a whole netmap, or, with
+// Delta set, a change to the last one.
+type NetMapLine struct {
+	NetMap
+	Delta *NetMapDelta `json:"delta,omitempty"`
+}
+
+// NetMapDelta turns the netmap a stream sent last (of version Base) into
+// the netmap of Version.
+type NetMapDelta struct {
+	Version int64 `json:"version"`
+	// Base is the version of the netmap the delta applies to.
+	Base int64 `json:"base"`
+	// Self is the node's own record, when it changed.
+	Self *Node `json:"self,omitempty"`
+	// PeersChanged are new or changed peers, sorted by name.
+	PeersChanged []Peer `json:"peersChanged,omitempty"`
+	// PeersRemoved are names of peers that are gone.
+	PeersRemoved []string `json:"peersRemoved,omitempty"`
+	// Servers and ServerName are as in NetMap: always present.
+	Servers    []Server `json:"servers,omitempty"`
+	ServerName string   `json:"serverName,omitempty"`
+}
+
+// Apply returns nm changed by d. It fails when d is not based on nm: the
+// stream lost a line, and the agent must reconnect for a whole netmap.
+// nm is not modified.
+func (nm NetMap) Apply(d NetMapDelta) (NetMap, error) {
+	if d.Base != nm.Version || d.Version < d.Base {
+		return NetMap{}, fmt.Errorf("netmap delta from version %d to %d does not apply to version %d", d.Base, d.Version, nm.Version)
+	}
+	out := nm
+	out.Version = d.Version
+	if d.Self != nil {
+		out.Self = *d.Self
+	}
+	out.Servers, out.ServerName = d.Servers, d.ServerName
+	if len(d.PeersChanged) == 0 && len(d.PeersRemoved) == 0 {
+		return out, nil
+	}
+	gone := make(map[string]bool, len(d.PeersRemoved)+len(d.PeersChanged))
+	for _, name := range d.PeersRemoved {
+		gone[name] = true
+	}
+	changed := slices.Clone(d.PeersChanged)
+	slices.SortStableFunc(changed, func(a, b Peer) int { return strings.Compare(a.Name, b.Name) })
+	changed = slices.CompactFunc(changed, func(a, b Peer) bool { return a.Name == b.Name })
+	for _, p := range changed {
+		gone[p.Name] = true
+	}
+	// Merge the kept peers (sorted) with the changed ones (sorted).
+	peers := make([]Peer, 0, len(nm.Peers)+len(changed))
+	i := 0
+	for _, p := range nm.Peers {
+		if gone[p.Name] {
+			continue
+		}
+		for i < len(changed) && changed[i].Name < p.Name {
+			peers = append(peers, changed[i])
+			i++
+		}
+		peers = append(peers, p)
+	}
+	peers = append(peers, changed[i:]...)
+	out.Peers = peers
+	return out, nil
 }
 
 // Peer is one WireGuard peer of a node.
