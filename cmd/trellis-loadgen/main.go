@@ -50,17 +50,30 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	changes := fs.Int("changes", 5, "changes measured per run")
 	out := fs.String("out", "", "directory for loadgen.json, loadgen.md and loadgen.png (empty: print the table only)")
 	timeout := fs.Duration("phase-timeout", 15*time.Minute, "bound on each phase (joins, first netmaps, one fan-out, settling)")
+	wholeFlag := fs.String("whole", "", "comma-separated numbers of agents to run again with whole netmaps on every change (as before deltas), to compare")
 	replot := fs.String("replot", "", "measure nothing: read the results from this loadgen.json and write the table and plot to -out")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var ns []int
-	for f := range strings.SplitSeq(*agentsFlag, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return fmt.Errorf("-agents: %q is not a positive number", f)
+	type runSpec struct {
+		n     int
+		whole bool
+	}
+	var runs []runSpec
+	for _, fl := range []struct {
+		name, value string
+		whole       bool
+	}{{"-agents", *agentsFlag, false}, {"-whole", *wholeFlag, true}} {
+		if fl.value == "" {
+			continue
 		}
-		ns = append(ns, n)
+		for f := range strings.SplitSeq(fl.value, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n < 1 {
+				return fmt.Errorf("%s: %q is not a positive number", fl.name, f)
+			}
+			runs = append(runs, runSpec{n, fl.whole})
+		}
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	var results []*loadgen.Result
@@ -72,19 +85,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if err := json.Unmarshal(b, &results); err != nil {
 			return fmt.Errorf("%s: %w", *replot, err)
 		}
-		ns = nil
+		runs = nil
 	} else if err := raiseFileLimit(log); err != nil {
 		return err
 	}
-	for _, n := range ns {
-		log.Info("=== run", "agents", n)
-		res, err := runOnce(ctx, log, *bin, n, *changes, *timeout)
+	for _, r := range runs {
+		log.Info("=== run", "agents", r.n, "wholeMaps", r.whole)
+		res, err := runOnce(ctx, log, *bin, r.n, *changes, *timeout, r.whole)
 		if res != nil {
 			results = append(results, res)
 		}
 		if err != nil {
-			log.Error("run failed; reporting what was measured", "agents", n, "err", err)
-			break
+			log.Error("run failed; reporting what was measured", "agents", r.n, "wholeMaps", r.whole, "err", err)
 		}
 	}
 	table := markdown(results)
@@ -129,7 +141,7 @@ func raiseFileLimit(log *slog.Logger) error {
 }
 
 // runOnce starts a fresh server and runs n agents against it.
-func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration) (*loadgen.Result, error) {
+func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration, whole bool) (*loadgen.Result, error) {
 	dir, err := os.MkdirTemp("", "trellis-loadgen-")
 	if err != nil {
 		return nil, err
@@ -143,7 +155,7 @@ func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, 
 	return loadgen.Run(ctx, loadgen.Config{
 		ServerURL: srv.url, Token: srv.token, CAPEM: srv.ca,
 		Agents: n, Changes: changes, SourceAddrs: true, ServerPID: srv.cmd.Process.Pid,
-		PhaseTimeout: timeout, Logger: log,
+		PhaseTimeout: timeout, Logger: log, WholeMaps: whole,
 	})
 }
 

@@ -23,6 +23,7 @@ var (
 	blue  = color.RGBA{31, 119, 180, 255}
 	red   = color.RGBA{214, 39, 40, 255}
 	green = color.RGBA{44, 160, 44, 255}
+	grey2 = color.RGBA{127, 127, 127, 255}
 )
 
 type series struct {
@@ -37,9 +38,15 @@ type series struct {
 func writePlot(path string, rs []*loadgen.Result) error {
 	img := image.NewRGBA(image.Rect(0, 0, 1200, 520))
 	fill(img, img.Bounds(), white)
-	var ns, p50, p99, all, rss, peak []float64
+	var ns, p50, p99, all, rss, peak, wns, wp99, wpeak []float64
 	for _, r := range rs {
 		if len(r.Changes) == 0 {
+			continue
+		}
+		if r.WholeMaps {
+			wns = append(wns, float64(r.Agents))
+			wp99 = append(wp99, secs(r.FanoutP99))
+			wpeak = append(wpeak, float64(max(r.ServerRSSPeak, r.ServerRSSMax))/(1<<20))
 			continue
 		}
 		ns = append(ns, float64(r.Agents))
@@ -47,14 +54,16 @@ func writePlot(path string, rs []*loadgen.Result) error {
 		p99 = append(p99, secs(r.FanoutP99))
 		all = append(all, secs(r.FanoutAllMax))
 		rss = append(rss, float64(r.ServerRSSIdle)/(1<<20))
-		peak = append(peak, float64(r.ServerRSSPeak)/(1<<20))
+		peak = append(peak, float64(max(r.ServerRSSPeak, r.ServerRSSMax))/(1<<20))
 	}
-	panel(img, image.Rect(0, 0, 600, 520), "NETMAP FAN-OUT (SECONDS) VS N AGENTS", []series{
-		{"P50", blue, ns, p50}, {"P99", red, ns, p99}, {"ALL N", green, ns, all},
-	})
-	panel(img, image.Rect(600, 0, 1200, 520), "SERVER RSS (MIB) VS N AGENTS", []series{
-		{"IDLE", blue, ns, rss}, {"PEAK IN FAN-OUT", red, ns, peak},
-	})
+	fan := []series{{"P50", blue, ns, p50}, {"P99", red, ns, p99}, {"ALL N", green, ns, all}}
+	mem := []series{{"IDLE", blue, ns, rss}, {"PEAK", red, ns, peak}}
+	if len(wns) > 0 {
+		fan = append(fan, series{"P99 WHOLE MAPS", grey2, wns, wp99})
+		mem = append(mem, series{"PEAK WHOLE MAPS", grey2, wns, wpeak})
+	}
+	panel(img, image.Rect(0, 0, 600, 520), "NETMAP FAN-OUT (SECONDS) VS N AGENTS", fan)
+	panel(img, image.Rect(600, 0, 1200, 520), "SERVER RSS (MIB) VS N AGENTS", mem)
 	f, err := os.Create(path)
 	if err != nil {
 		return err

@@ -143,11 +143,12 @@ func (c *apiClient) join(ctx context.Context, tok string, req api.JoinRequest) (
 const streamIdle = 45 * time.Second
 
 // streamNetmaps reads netmaps until ctx ends or the stream fails, calling
-// fn for each one.
+// fn for each one. It asks for deltas and applies them to the last
+// netmap: fn always gets a whole one.
 func (c *apiClient) streamNetmaps(parent context.Context, fn func(api.NetMap)) error {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.PathNetmap, nil)
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.PathNetmap+"?"+api.NetmapDeltasParam+"=1", nil)
 	if err != nil {
 		return err
 	}
@@ -163,15 +164,27 @@ func (c *apiClient) streamNetmaps(parent context.Context, fn func(api.NetMap)) e
 	defer idle.Stop()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	var nm api.NetMap
+	have := false
 	for sc.Scan() {
 		idle.Reset(streamIdle)
 		line := bytes.TrimSpace(sc.Bytes())
 		if len(line) == 0 {
 			continue // keepalive
 		}
-		var nm api.NetMap
-		if err := json.Unmarshal(line, &nm); err != nil {
+		var l api.NetMapLine
+		if err := json.Unmarshal(line, &l); err != nil {
 			return fmt.Errorf("decode netmap: %w", err)
+		}
+		switch {
+		case l.Delta == nil:
+			nm, have = l.NetMap, true
+		case !have:
+			return errors.New("netmap stream began with a delta")
+		default:
+			if nm, err = nm.Apply(*l.Delta); err != nil {
+				return err // a lost line: reconnect for a whole netmap
+			}
 		}
 		fn(nm)
 	}

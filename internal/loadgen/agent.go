@@ -186,9 +186,14 @@ func (a *vagent) report(ctx context.Context, ext netip.Addr) error {
 	return nil
 }
 
-// openStream starts the agent's netmap stream.
-func (a *vagent) openStream(ctx context.Context) (io.ReadCloser, error) {
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, a.base+api.PathNetmap, nil)
+// openStream starts the agent's netmap stream, of deltas or of whole
+// netmaps. Either way its first line is a whole netmap.
+func (a *vagent) openStream(ctx context.Context, deltas bool) (io.ReadCloser, error) {
+	url := a.base + api.PathNetmap
+	if deltas {
+		url += "?" + api.NetmapDeltasParam + "=1"
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
 	}

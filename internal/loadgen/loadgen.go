@@ -51,6 +51,9 @@ type Config struct {
 	// PhaseTimeout bounds each phase (all joins, all first netmaps, the
 	// fan-out of one change, settling). Default 10 minutes.
 	PhaseTimeout time.Duration
+	// WholeMaps makes the agents ask for whole netmaps on every change,
+	// as agents did before deltas (api.NetmapDeltasParam), to compare.
+	WholeMaps bool
 	// Logger receives progress. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -109,6 +112,8 @@ type Change struct {
 // Result is what one run measured.
 type Result struct {
 	Agents int `json:"agents"`
+	// WholeMaps: the streams carried whole netmaps, not deltas.
+	WholeMaps bool `json:"wholeMaps,omitempty"`
 	// Join: all agents joined, JoinConcurrency at a time.
 	JoinTime     time.Duration `json:"joinTime"`
 	JoinsPerSec  float64       `json:"joinsPerSec"`
@@ -141,8 +146,11 @@ type Result struct {
 	Peers             int     `json:"peers"`
 	AgentBytesPerPeer float64 `json:"agentBytesPerPeer"`
 	// Server samples (zero without ServerPID).
-	ServerRSSIdle   int64         `json:"serverRSSIdle"`
-	ServerRSSPeak   int64         `json:"serverRSSPeak"`
+	ServerRSSIdle int64 `json:"serverRSSIdle"`
+	ServerRSSPeak int64 `json:"serverRSSPeak"`
+	// ServerRSSMax is the highest RSS sampled over the whole run: joins,
+	// first netmaps and changes.
+	ServerRSSMax    int64         `json:"serverRSSMax"`
 	ServerCPUJoin   time.Duration `json:"serverCPUJoin"`
 	ServerCPUStream time.Duration `json:"serverCPUStreams"`
 	CPUPerChange    time.Duration `json:"cpuPerChange"`
@@ -161,7 +169,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	log := cfg.Logger
 	n := cfg.Agents
-	res := &Result{Agents: n}
+	res := &Result{Agents: n, WholeMaps: cfg.WholeMaps}
+	runPeak := newPeakSampler(cfg.ServerPID)
+	defer func() { res.ServerRSSMax = max(res.ServerRSSMax, runPeak.stop()) }()
 
 	agents := make([]*vagent, n)
 	if err := parallel(ctx, n, runtime.GOMAXPROCS(0)*2, func(i int) error {
@@ -236,7 +246,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	log.Info("opening netmap streams", "agents", n)
 	octx, ocancel := context.WithTimeout(ctx, cfg.PhaseTimeout)
 	err = parallel(octx, n, cfg.StreamConcurrency, func(i int) error {
-		body, err := agents[i].openStream(sctx)
+		body, err := agents[i].openStream(sctx, !cfg.WholeMaps)
 		if err != nil {
 			return err
 		}
@@ -341,7 +351,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 func measureAgentMemory(ctx context.Context, a *vagent, res *Result) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	body, err := a.openStream(ctx)
+	body, err := a.openStream(ctx, false)
 	if err != nil {
 		return err
 	}

@@ -177,6 +177,10 @@ func (v *View) index() {
 	slices.SortFunc(v.relays, func(a, b *api.Node) int { return strings.Compare(a.Name, b.Name) })
 }
 
+// Node returns the record of name, nil if there is none. It must not be
+// modified.
+func (v *View) Node(name string) *api.Node { return v.byName[name] }
+
 // names returns the node names, sorted.
 func (v *View) names() []string {
 	return slices.Sorted(maps.Keys(v.byName))

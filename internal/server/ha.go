@@ -786,7 +786,7 @@ func (h *hub) setServers(servers []api.Server) {
 		return
 	}
 	h.servers = servers
-	h.publishLocked()
+	h.publishLocked([]string{}) // no netmap entry changes; streams send the list
 }
 
 // serverList returns every server, or nil while there is only one: an
@@ -808,8 +808,17 @@ func (h *hub) setRemoteReady(ready map[string]string) {
 	if maps.Equal(h.remote, ready) {
 		return
 	}
+	var flipped []string
+	for name := range h.records {
+		if (h.remote[name] != "") != (ready[name] != "") && h.streams[name] == nil && h.relayCapableLocked(name) {
+			flipped = append(flipped, name)
+		}
+	}
 	h.remote = maps.Clone(ready)
-	h.publishLocked()
+	if len(flipped) > 0 {
+		// As for local streams: only a relay's readiness changes netmaps.
+		h.publishLocked(flipped)
+	}
 }
 
 // AdvertiseURL returns the URL agents in other networks reach this server

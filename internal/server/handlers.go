@@ -1,6 +1,8 @@
 package server
 
 import (
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
@@ -11,6 +13,7 @@ import (
 	"net/http"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -279,7 +282,9 @@ func (s *Server) nodeAuth(w http.ResponseWriter, r *http.Request) (string, bool)
 }
 
 // handleNetmap streams the node's netmap: one JSON object per line, a new
-// one whenever it changes, and an empty line every streamKeepalive.
+// one whenever it changes, and an empty line every streamKeepalive. A
+// stream that asks for deltas (api.NetmapDeltasParam) gets the whole
+// netmap first and then only what changed.
 func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	name, ok := s.nodeAuth(w, r)
 	if !ok {
@@ -296,66 +301,174 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 	s.log.Debug("netmap stream opened", "node", name)
 	defer s.log.Debug("netmap stream closed", "node", name)
 
-	enc := json.NewEncoder(w)
+	st := &netmapStream{
+		s: s, name: name, w: w, rc: rc, enc: json.NewEncoder(w),
+		deltas: r.URL.Query().Get(api.NetmapDeltasParam) == "1",
+	}
 	ka := time.NewTicker(streamKeepalive)
 	defer ka.Stop()
-	var lastDigest [sha256.Size]byte
-	sent := false
 	// The hub may not have seen a node that just joined: wait for it a
 	// while before giving up.
 	notYet := time.NewTimer(10 * time.Second)
 	defer notYet.Stop()
 	for {
-		nodes, view, version, changed := s.hub.snapshot()
-		nm, ok := s.hub.netmapFor(name, nodes, view, version)
-		nm.Servers, nm.ServerName = s.hub.serverList(), s.cfg.NodeName
-		if !ok && sent {
-			return // the node was deleted: the agent will learn why on reconnect
-		}
-		if !ok {
+		p := s.hub.snapshot()
+		if _, found := slices.BinarySearchFunc(p.nodes, name, byName); !found {
+			if st.sent {
+				return // the node was deleted: the agent will learn why on reconnect
+			}
 			select {
 			case <-r.Context().Done():
 				return
 			case <-notYet.C:
 				return
-			case <-changed:
+			case <-p.changed:
 				continue
 			}
 		}
-		digest, err := mapDigest(nm)
-		if err != nil {
+		if err := st.send(r.Context(), p); err != nil {
+			s.log.Debug("netmap stream ends", "node", name, "err", err)
 			return
-		}
-		if !sent || digest != lastDigest {
-			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if err := enc.Encode(nm); err != nil {
-				return
-			}
-			if err := rc.Flush(); err != nil {
-				return
-			}
-			lastDigest, sent = digest, true
 		}
 	wait:
 		for {
 			select {
 			case <-r.Context().Done():
 				return
-			case <-changed:
+			case <-p.changed:
 				break wait
 			case <-ka.C:
 				// Nothing changed: send the keepalive without computing
 				// the netmap again (that is O(nodes) per stream).
-				_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
-				if _, err := io.WriteString(w, "\n"); err != nil {
-					return
-				}
-				if err := rc.Flush(); err != nil {
+				if err := st.write(func() error { _, err := io.WriteString(w, "\n"); return err }); err != nil {
 					return
 				}
 			}
 		}
 	}
+}
+
+// netmapStream is what a netmap stream remembers of what it sent: for a
+// stream of whole netmaps, a digest; for a stream of deltas, the view it
+// last compared with, the relays its netmap uses and the server list.
+// Both are O(1) or O(relays), not O(nodes), per stream.
+type netmapStream struct {
+	s      *Server
+	name   string
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	enc    *json.Encoder
+	deltas bool
+
+	sent    bool
+	digest  [sha256.Size]byte // whole netmaps: of the last one sent
+	view    *netmap.View      // deltas: the view of the last line sent
+	seq     int64             // deltas: its publication
+	version int64             // deltas: its version
+	vias    map[string]bool   // deltas: relays the netmap sent uses
+	servers []api.Server      // deltas: the server list sent
+}
+
+// send brings the agent's netmap up to publication p.
+func (st *netmapStream) send(ctx context.Context, p snap) error {
+	s := st.s
+	servers := s.hub.serverList()
+	if !st.deltas || !st.sent {
+		nm, line, digest, err := st.whole(ctx, p, servers)
+		if err != nil {
+			return err
+		}
+		if st.sent && digest == st.digest {
+			return nil
+		}
+		if err := st.write(func() error { _, err := st.w.Write(line); return err }); err != nil {
+			return err
+		}
+		st.sent, st.digest = true, digest
+		st.view, st.seq, st.version, st.vias, st.servers = p.view, p.seq, p.version, netmap.Vias(nm.Peers), servers
+		return nil
+	}
+	changes := s.hub.changesSince(st.seq)
+	s.hub.markSeen(st.name, p.version)
+	changed, removed, _, vias := netmap.Delta(st.view, p.view, changes, st.name, st.vias)
+	d := api.NetMapDelta{
+		Version: p.version, Base: st.version,
+		PeersChanged: changed, PeersRemoved: removed,
+		Servers: servers, ServerName: s.cfg.NodeName,
+	}
+	if changes.All || changes.Maps[st.name] {
+		if before, after := st.view.Node(st.name), p.view.Node(st.name); !sameNode(before, after) {
+			d.Self = after
+		}
+	}
+	st.view, st.seq, st.vias = p.view, p.seq, vias
+	if d.Self == nil && len(changed) == 0 && len(removed) == 0 && slices.Equal(servers, st.servers) {
+		return nil // nothing this node sees changed
+	}
+	if err := st.write(func() error { return st.enc.Encode(api.NetMapLine{Delta: &d}) }); err != nil {
+		return err
+	}
+	st.version, st.servers = p.version, servers
+	return nil
+}
+
+// whole computes and encodes the whole netmap of publication p. Whole
+// netmaps cost O(nodes) of CPU and memory each: only a few are built at
+// once, so N agents connecting together (a server restart) do not hold N
+// of them in memory. The line is written after, so a slow reader does not
+// hold up the others.
+func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server) (api.NetMap, []byte, [sha256.Size]byte, error) {
+	s := st.s
+	select {
+	case s.fullMaps <- struct{}{}:
+	case <-ctx.Done():
+		return api.NetMap{}, nil, [sha256.Size]byte{}, ctx.Err()
+	}
+	defer func() { <-s.fullMaps }()
+	nm, _ := s.hub.netmapFor(st.name, p)
+	nm.Servers, nm.ServerName = servers, s.cfg.NodeName
+	line, digest, err := encodeNetMap(nm)
+	return nm, line, digest, err
+}
+
+// encodeNetMap encodes nm once for both the line and its digest: the
+// digest identifies the content apart from the version, so that a stream
+// keeps 32 bytes, not the map (N maps of N peers would be O(N²) memory).
+func encodeNetMap(nm api.NetMap) ([]byte, [sha256.Size]byte, error) {
+	version := nm.Version
+	nm.Version = 0
+	b, err := json.Marshal(nm)
+	if err != nil {
+		return nil, [sha256.Size]byte{}, err
+	}
+	digest := sha256.Sum256(b)
+	const zero = `{"version":0,`
+	if !bytes.HasPrefix(b, []byte(zero)) {
+		return nil, digest, errors.New("netmap encoding does not start with its version")
+	}
+	line := make([]byte, 0, len(b)+24)
+	line = fmt.Appendf(line, `{"version":%d,`, version)
+	line = append(line, b[len(zero):]...)
+	return append(line, '\n'), digest, nil
+}
+
+// write writes one line with a deadline and flushes it.
+func (st *netmapStream) write(line func() error) error {
+	_ = st.rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	if err := line(); err != nil {
+		return err
+	}
+	return st.rc.Flush()
+}
+
+// sameNode reports whether two records of a node read the same.
+func sameNode(a, b *api.Node) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
 }
 
 func (s *Server) handleListNodes(w http.ResponseWriter, _ *http.Request) {

@@ -1,8 +1,6 @@
 package server
 
 import (
-	"crypto/sha256"
-	"encoding/json"
 	"maps"
 	"slices"
 	"strings"
@@ -22,13 +20,35 @@ type hub struct {
 	mu      sync.Mutex
 	records map[string]record      // guarded by mu
 	version int64                  // guarded by mu; store revision of the view
-	nodes   []api.Node             // guarded by mu; sorted snapshot, rebuilt per change
+	nodes   []api.Node             // guarded by mu; sorted snapshot, a new slice per change
 	view    *netmap.View           // guarded by mu; built from nodes
+	seq     int64                  // guarded by mu; counts publications (version may repeat)
+	history []published            // guarded by mu; what the last publications changed
 	changed chan struct{}          // guarded by mu; closed on change
 	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
 	seen    map[string]int64       // guarded by mu; version each node's stream last computed
 	remote  map[string]string      // guarded by mu; nodes with a stream on any server (ha.go)
 	servers []api.Server           // guarded by mu; every server (ha.go)
+}
+
+// published is what one publication changed in the netmaps.
+type published struct {
+	seq     int64
+	changes netmap.Changes
+}
+
+// historyLen bounds the publications a stream can catch up from with
+// deltas; a stream further behind compares its whole netmap.
+const historyLen = 512
+
+// snap is one publication: the nodes, their view, the store version, the
+// publication's sequence number and a channel closed on the next one.
+type snap struct {
+	nodes   []api.Node
+	view    *netmap.View
+	version int64
+	seq     int64
+	changed <-chan struct{}
 }
 
 type streamInfo struct {
@@ -56,7 +76,7 @@ func (h *hub) reset(recs []record, rev int64) {
 		h.records[r.Name] = r
 	}
 	h.version = rev
-	h.publishLocked()
+	h.publishLocked(nil)
 }
 
 // put stores or replaces one record.
@@ -65,7 +85,7 @@ func (h *hub) put(r record, rev int64) {
 	defer h.mu.Unlock()
 	h.records[r.Name] = r
 	h.version = rev
-	h.publishLocked()
+	h.publishLocked([]string{r.Name})
 }
 
 // del removes one record.
@@ -74,29 +94,100 @@ func (h *hub) del(name string, rev int64) {
 	defer h.mu.Unlock()
 	delete(h.records, name)
 	h.version = rev
-	h.publishLocked()
+	h.publishLocked([]string{name})
 }
 
-func (h *hub) publishLocked() {
-	names := slices.Sorted(maps.Keys(h.records))
-	nodes := make([]api.Node, 0, len(names))
-	for _, n := range names {
-		node := h.records[n].Node
-		node.Ready = h.streams[n] != nil || h.remote[n] != ""
-		nodes = append(nodes, node)
+// publishLocked makes a new view from the records and wakes the streams.
+// changed names the records (or readiness) that changed since the last
+// publication; nil means anything may have. The cost is O(nodes) plus the
+// changed records' observations: the view is updated, not rebuilt.
+func (h *hub) publishLocked(changed []string) {
+	var view *netmap.View
+	var changes netmap.Changes
+	if changed == nil {
+		names := slices.Sorted(maps.Keys(h.records))
+		nodes := make([]api.Node, 0, len(names))
+		for _, n := range names {
+			nodes = append(nodes, h.nodeLocked(n))
+		}
+		h.nodes = nodes
+		view = netmap.NewView(nodes, h.policy)
+		changes = netmap.Changes{All: true}
+	} else {
+		nodes := slices.Clone(h.nodes) // the old view keeps the old slice
+		for _, name := range changed {
+			i, found := slices.BinarySearchFunc(nodes, name, byName)
+			_, exists := h.records[name]
+			switch {
+			case exists && found:
+				nodes[i] = h.nodeLocked(name)
+			case exists:
+				nodes = slices.Insert(nodes, i, h.nodeLocked(name))
+			case found:
+				nodes = slices.Delete(nodes, i, i+1)
+			}
+		}
+		h.nodes = nodes
+		view = h.view.Next(nodes, changed)
+		changes = netmap.Diff(h.view, view, changed)
 	}
-	h.nodes = nodes
-	h.view = netmap.NewView(nodes, h.policy)
+	h.view = view
+	h.seq++
+	if len(h.history) == historyLen {
+		h.history = slices.Delete(h.history, 0, historyLen/2)
+	}
+	h.history = append(h.history, published{seq: h.seq, changes: changes})
 	close(h.changed)
 	h.changed = make(chan struct{})
 }
 
-// snapshot returns the current nodes (shared, read-only), their view, the
-// version and a channel closed on the next change.
-func (h *hub) snapshot() ([]api.Node, *netmap.View, int64, <-chan struct{}) {
+// nodeLocked is the node of record name as netmaps show it.
+func (h *hub) nodeLocked(name string) api.Node {
+	node := h.records[name].Node
+	node.Ready = h.readyLocked(name)
+	return node
+}
+
+func (h *hub) readyLocked(name string) bool {
+	return h.streams[name] != nil || h.remote[name] != ""
+}
+
+func byName(n api.Node, name string) int { return strings.Compare(n.Name, name) }
+
+// snapshot returns the current publication.
+func (h *hub) snapshot() snap {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.nodes, h.view, h.version, h.changed
+	return snap{nodes: h.nodes, view: h.view, version: h.version, seq: h.seq, changed: h.changed}
+}
+
+// changesSince returns what the publications after seq changed, all in
+// one; All when they are no longer remembered.
+func (h *hub) changesSince(seq int64) netmap.Changes {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	i, _ := slices.BinarySearchFunc(h.history, seq+1, func(p published, s int64) int { return int(p.seq - s) })
+	if i == len(h.history) {
+		return netmap.Changes{} // nothing new
+	}
+	if h.history[i].seq != seq+1 {
+		return netmap.Changes{All: true}
+	}
+	var c netmap.Changes
+	for _, p := range h.history[i:] {
+		c.Merge(p.changes)
+		if c.All {
+			break
+		}
+	}
+	return c
+}
+
+// markSeen notes the version the stream of name last computed.
+func (h *hub) markSeen(name string, version int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.seen[name] = version
 }
 
 // record returns the stored record of name.
@@ -107,23 +198,21 @@ func (h *hub) record(name string) (record, bool) {
 	return r, ok
 }
 
-// netmapFor computes the netmap of node self from a snapshot. It returns
-// false if self is not a node.
-func (h *hub) netmapFor(self string, nodes []api.Node, view *netmap.View, version int64) (api.NetMap, bool) {
-	i, found := slices.BinarySearchFunc(nodes, self, func(n api.Node, s string) int { return strings.Compare(n.Name, s) })
+// netmapFor computes the whole netmap of node self from a publication.
+// It returns false if self is not a node.
+func (h *hub) netmapFor(self string, p snap) (api.NetMap, bool) {
+	i, found := slices.BinarySearchFunc(p.nodes, self, byName)
 	if !found {
 		return api.NetMap{}, false
 	}
-	h.mu.Lock()
-	h.seen[self] = version
-	h.mu.Unlock()
-	peers := view.Peers(self)
+	h.markSeen(self, p.version)
+	peers := p.view.Peers(self)
 	if peers == nil {
 		peers = []api.Peer{}
 	}
 	return api.NetMap{
-		Version:      version,
-		Self:         nodes[i],
+		Version:      p.version,
+		Self:         p.nodes[i],
 		ClusterCIDRs: h.policy.ClusterCIDRs,
 		Peers:        peers,
 	}, true
@@ -144,7 +233,7 @@ func (h *hub) connected(name string, now time.Time) func() {
 		// Readiness feeds relay choice: only a relay's matters to the
 		// netmaps. Others' is read at listing time (nodesWithStatus),
 		// so N streams opening do not wake N streams N times.
-		h.publishLocked()
+		h.publishLocked([]string{name})
 	}
 	return func() {
 		h.mu.Lock()
@@ -153,7 +242,7 @@ func (h *hub) connected(name string, now time.Time) func() {
 			delete(h.streams, name)
 			delete(h.seen, name)
 			if h.relayCapableLocked(name) {
-				h.publishLocked()
+				h.publishLocked([]string{name})
 			}
 		}
 	}
@@ -172,7 +261,7 @@ func (h *hub) nodesWithStatus() []api.Node {
 	defer h.mu.Unlock()
 	out := slices.Clone(h.nodes)
 	for i := range out {
-		out[i].Ready = h.streams[out[i].Name] != nil || h.remote[out[i].Name] != ""
+		out[i].Ready = h.readyLocked(out[i].Name)
 	}
 	return out
 }
@@ -197,16 +286,4 @@ func (h *hub) paths() []api.Path {
 	v := h.view
 	h.mu.Unlock()
 	return v.Paths()
-}
-
-// mapDigest identifies a netmap's content apart from its version: a
-// stream keeps the digest of what it sent, not the map (N maps of N peers
-// would be O(N²) memory), and encodes each map once to compare.
-func mapDigest(nm api.NetMap) ([sha256.Size]byte, error) {
-	nm.Version = 0
-	b, err := json.Marshal(nm)
-	if err != nil {
-		return [sha256.Size]byte{}, err
-	}
-	return sha256.Sum256(b), nil
 }

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"time"
@@ -40,6 +41,7 @@ type Server struct {
 	store      *store.Store
 	reg        *registry
 	hub        *hub
+	fullMaps   chan struct{} // bounds the whole netmaps built at once
 	ln         net.Listener
 	http       *http.Server
 	url        string
@@ -124,6 +126,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	} else if n > 0 {
 		s.log.Info("released orphaned pod CIDR claims", "count", n)
 	}
+	s.fullMaps = make(chan struct{}, max(8, 2*runtime.GOMAXPROCS(0)))
 	s.hub = newHub(netmap.Policy{ClusterCIDRs: cfg.ClusterCIDRs, ForceExternal: cfg.ForceExternal, Keepalive: netmap.DefaultKeepalive})
 	recs, rev, err := s.reg.list(ctx)
 	if err != nil {
