@@ -300,11 +300,12 @@ func (v *View) entry(me, n *api.Node) (api.Peer, api.Path, bool) {
 	if len(allowed) == 0 {
 		return api.Peer{}, api.Path{}, false
 	}
-	path := v.Path(me.Name, n.Name)
+	ep := v.Endpoint(me, n)
+	path := v.path(me, n, ep)
 	peer := api.Peer{
 		Name:                n.Name,
 		PublicKey:           n.PublicKey,
-		Endpoint:            v.Endpoint(me, n),
+		Endpoint:            ep,
 		AllowedIPs:          allowed,
 		PersistentKeepalive: v.policy.Keepalive,
 	}
@@ -351,27 +352,30 @@ func (v *View) Paths() []api.Path {
 // A relayed path goes through the first relay (by name) that is ready and
 // has a working direct path to both. Path is symmetric in its decision.
 func (v *View) Path(a, b string) api.Path {
-	p := api.Path{From: a, To: b}
 	na, nb := v.byName[a], v.byName[b]
 	if na == nil || nb == nil {
-		p.Kind, p.Reason = api.PathNone, "unknown node"
-		return p
+		return api.Path{From: a, To: b, Kind: api.PathNone, Reason: "unknown node"}
 	}
-	p.Endpoint = v.Endpoint(na, nb)
-	ok, reason := v.direct(na, nb)
+	return v.path(na, nb, v.Endpoint(na, nb))
+}
+
+// path is Path for known nodes and a's endpoint for b, Endpoint(a, b).
+func (v *View) path(na, nb *api.Node, ep netip.AddrPort) api.Path {
+	p := api.Path{From: na.Name, To: nb.Name, Endpoint: ep}
+	ok, reason := v.direct(na, nb, ep)
 	if ok {
 		p.Kind = api.PathDirect
 		return p
 	}
 	p.Reason = reason
 	for _, r := range v.relays {
-		if r.Name == a || r.Name == b || !r.Ready {
+		if r.Name == na.Name || r.Name == nb.Name || !r.Ready {
 			continue
 		}
-		if okA, _ := v.direct(na, r); !okA {
+		if okA, _ := v.direct(na, r, v.Endpoint(na, r)); !okA {
 			continue
 		}
-		if okB, _ := v.direct(nb, r); !okB {
+		if okB, _ := v.direct(nb, r, v.Endpoint(nb, r)); !okB {
 			continue
 		}
 		p.Kind, p.Via = api.PathRelayed, r.Name
@@ -383,14 +387,15 @@ func (v *View) Path(a, b string) api.Path {
 }
 
 // direct decides whether a and b use their direct path, and if not, why.
-func (v *View) direct(a, b *api.Node) (bool, string) {
+// ab is Endpoint(a, b).
+func (v *View) direct(a, b *api.Node, ab netip.AddrPort) (bool, string) {
 	oab, oba := v.obs[a.Name][b.Name], v.obs[b.Name][a.Name]
 	switch {
 	case oab.Handshake == api.HandshakeOK || oba.Handshake == api.HandshakeOK:
 		return true, ""
 	case oab.Handshake == api.HandshakeFailing || oba.Handshake == api.HandshakeFailing:
 		return false, "direct handshake failed"
-	case v.Endpoint(a, b).IsValid() || v.Endpoint(b, a).IsValid():
+	case ab.IsValid() || v.Endpoint(b, a).IsValid():
 		return true, ""
 	}
 	return false, "neither node has an address the other can reach (both behind NAT)"
@@ -431,56 +436,70 @@ func (v *View) Endpoint(from, to *api.Node) netip.AddrPort {
 	return e4
 }
 
-// endpointIn is Endpoint's candidate in one address family.
+// endpointIn is Endpoint's candidate in one address family. It runs for
+// every peer of every netmap: it allocates nothing.
 func (v *View) endpointIn(from, to *api.Node, v6 bool) netip.AddrPort {
-	usable := func(a netip.Addr) bool { return ValidEndpoint(a) && is6(a) == v6 }
-	pick := func(addrs []netip.Addr) netip.AddrPort {
-		for _, a := range addrs {
-			if usable(a) {
-				return netip.AddrPortFrom(a.Unmap(), to.ListenPort)
-			}
-		}
-		return netip.AddrPort{}
-	}
-	observed := v.observed[observedKey{node: to.Name, v6: v6}].ep
-	if !usable(observed.Addr()) {
-		observed = netip.AddrPort{}
-	}
-	ext := func() netip.AddrPort { return pick(to.ExternalIPs) }
-	internal := func() netip.AddrPort { return pick(to.InternalIPs) }
-	public := func() netip.AddrPort {
-		// A NAT in one family says nothing about the other: a home
-		// behind an IPv4 NAT often has global IPv6 addresses.
-		if behindNAT(to) && is6(to.ObservedIP) == v6 {
-			return netip.AddrPort{}
-		}
-		for _, a := range to.InternalIPs {
-			if usable(a) && mayBePublic(to, a) {
-				return netip.AddrPortFrom(a.Unmap(), to.ListenPort)
-			}
-		}
-		return netip.AddrPort{}
-	}
-	obs := func() netip.AddrPort { return observed }
-	var order []func() netip.AddrPort
+	// Candidate sources, in order of preference.
+	const (
+		srcExt = iota
+		srcInternal
+		srcPublic
+		srcObserved
+	)
+	var order [3]int
 	switch {
 	case v.policy.ForceExternal && SameNetwork(from, to):
 		// Without an external IP, a node on the same network is reached
 		// inside it: its NAT rarely hairpins.
-		order = append(order, ext, internal, obs)
+		order = [3]int{srcExt, srcInternal, srcObserved}
 	case v.policy.ForceExternal:
-		order = append(order, ext, public, obs)
+		order = [3]int{srcExt, srcPublic, srcObserved}
 	case SameNetwork(from, to):
-		order = append(order, internal, ext, obs)
+		order = [3]int{srcInternal, srcExt, srcObserved}
 	default:
-		order = append(order, ext, public, obs)
+		order = [3]int{srcExt, srcPublic, srcObserved}
 	}
-	for _, f := range order {
-		if ap := f(); ap.IsValid() {
-			return ap
+	for _, src := range order {
+		switch src {
+		case srcExt:
+			if a, ok := firstUsable(to.ExternalIPs, v6); ok {
+				return netip.AddrPortFrom(a, to.ListenPort)
+			}
+		case srcInternal:
+			if a, ok := firstUsable(to.InternalIPs, v6); ok {
+				return netip.AddrPortFrom(a, to.ListenPort)
+			}
+		case srcPublic:
+			// A NAT in one family says nothing about the other: a home
+			// behind an IPv4 NAT often has global IPv6 addresses.
+			if behindNAT(to) && is6(to.ObservedIP) == v6 {
+				continue
+			}
+			for _, a := range to.InternalIPs {
+				if usableIn(a, v6) && mayBePublic(to, a) {
+					return netip.AddrPortFrom(a.Unmap(), to.ListenPort)
+				}
+			}
+		case srcObserved:
+			if o := v.observed[observedKey{node: to.Name, v6: v6}].ep; usableIn(o.Addr(), v6) {
+				return o
+			}
 		}
 	}
 	return netip.AddrPort{}
+}
+
+func usableIn(a netip.Addr, v6 bool) bool { return ValidEndpoint(a) && is6(a) == v6 }
+
+// firstUsable returns the first address of addrs usable as an endpoint of
+// the family, unmapped.
+func firstUsable(addrs []netip.Addr, v6 bool) (netip.Addr, bool) {
+	for _, a := range addrs {
+		if usableIn(a, v6) {
+			return a.Unmap(), true
+		}
+	}
+	return netip.Addr{}, false
 }
 
 // mayBePublic reports whether internal address a of a node that is not
