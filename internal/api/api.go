@@ -4,6 +4,7 @@ package api
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -202,6 +203,16 @@ const NetmapDeltasParam = "deltas"
 type NetMapLine struct {
 	NetMap
 	Delta *NetMapDelta `json:"delta,omitempty"`
+}
+
+// MarshalJSON writes a delta line as {"delta":...} alone.
+func (l NetMapLine) MarshalJSON() ([]byte, error) {
+	if l.Delta != nil {
+		return json.Marshal(struct {
+			Delta *NetMapDelta `json:"delta"`
+		}{l.Delta})
+	}
+	return json.Marshal(l.NetMap)
 }
 
 // NetMapDelta turns the netmap a stream sent last (of version Base) into
