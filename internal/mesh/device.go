@@ -367,6 +367,61 @@ func (d *Device) SetPeers(peers []Peer) error {
 	return nil
 }
 
+// ResetPeer drops everything the device holds for the peer with public key
+// pub — sessions, a half-done handshake, its timers, queued packets — and
+// puts the peer back with the same endpoint, allowed IPs and keepalive, in
+// one configuration request. With a persistent keepalive the device then
+// sends a handshake initiation at once, as for a new peer.
+//
+// It is the way out of crossed handshakes: when both sides send an
+// initiation before either receives the other's, each answers the
+// other's and drops the response to its own, and neither has a session.
+// WireGuard retries after 5 s (REKEY_TIMEOUT), but the response each side
+// sent counts as its last handshake message, so with traffic on both
+// sides the retries cross again, every 5 s. A fresh initiation from one
+// side, sent between two such retries, completes.
+//
+// A peer the device does not have is not an error (a netmap may have
+// removed it).
+func (d *Device) ResetPeer(pub [32]byte) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("reset WireGuard peer %s on %s: %w", wgtypes.Key(pub), d.name, errClosed)
+	}
+	dev, err := d.wg.Device(d.name)
+	if err != nil {
+		return fmt.Errorf("reset WireGuard peer %s on %s: read peers: %w", wgtypes.Key(pub), d.name, err)
+	}
+	i := slices.IndexFunc(dev.Peers, func(p wgtypes.Peer) bool { return p.PublicKey == pub })
+	if i < 0 {
+		return nil
+	}
+	if err := d.wg.ConfigureDevice(d.name, resetConfig(dev.Peers[i])); err != nil {
+		return fmt.Errorf("reset WireGuard peer %s on %s: %w", wgtypes.Key(pub), d.name, err)
+	}
+	return nil
+}
+
+// resetConfig removes p and adds it back with its endpoint, allowed IPs
+// and keepalive.
+func resetConfig(p wgtypes.Peer) wgtypes.Config {
+	add := wgtypes.PeerConfig{
+		PublicKey:         p.PublicKey,
+		Endpoint:          p.Endpoint,
+		ReplaceAllowedIPs: true,
+		AllowedIPs:        p.AllowedIPs,
+	}
+	if p.PresharedKey != (wgtypes.Key{}) {
+		psk := p.PresharedKey
+		add.PresharedKey = &psk
+	}
+	if p.PersistentKeepaliveInterval != 0 {
+		add.PersistentKeepaliveInterval = durationPtr(p.PersistentKeepaliveInterval)
+	}
+	return wgtypes.Config{Peers: []wgtypes.PeerConfig{{PublicKey: p.PublicKey, Remove: true}, add}}
+}
+
 // SetAddresses makes the interface addresses exactly prefixes (address
 // and prefix length, e.g. 10.42.1.0/32). IPv6 link-local addresses are
 // left to the kernel.

@@ -25,9 +25,10 @@ func TestMain(m *testing.M) {
 
 // nodeRequest is one line on a node process's stdin.
 type nodeRequest struct {
-	Op       string // open, peers, addrs, routes, status, wg, close, remove, leaks
+	Op       string // open, peers, reset, addrs, routes, status, wg, close, remove, leaks
 	Config   Config
 	Peers    []Peer
+	Key      [32]byte // reset
 	Prefixes []netip.Prefix
 }
 
@@ -65,6 +66,8 @@ func runNode() int {
 				}
 			case "peers":
 				err = d.SetPeers(req.Peers)
+			case "reset":
+				err = d.ResetPeer(req.Key)
 			case "addrs":
 				err = d.SetAddresses(req.Prefixes)
 			case "routes":
