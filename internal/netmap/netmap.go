@@ -245,7 +245,6 @@ func (v *View) Peers(self string) []api.Peer {
 		return nil
 	}
 	peers := make([]api.Peer, 0, len(v.byName))
-	index := map[string]int{}
 	var relayed []api.Path
 	for i := range v.nodes {
 		n := &v.nodes[i]
@@ -259,20 +258,29 @@ func (v *View) Peers(self string) []api.Peer {
 		if path.Kind == api.PathRelayed {
 			relayed = append(relayed, path)
 		}
-		index[n.Name] = len(peers)
 		peers = append(peers, peer)
 	}
-	for _, p := range relayed {
-		ri, ok := index[p.Via]
-		if !ok {
-			continue
+	if len(relayed) > 0 {
+		index := make(map[string]int, len(peers))
+		for i, p := range peers {
+			index[p.Name] = i
 		}
-		peers[ri].AllowedIPs = append(peers[ri].AllowedIPs, AllowedIPs(v.byName[p.To], v.policy.ClusterCIDRs)...)
+		for _, p := range relayed {
+			ri, ok := index[p.Via]
+			if !ok {
+				continue
+			}
+			peers[ri].AllowedIPs = append(peers[ri].AllowedIPs, AllowedIPs(v.byName[p.To], v.policy.ClusterCIDRs)...)
+		}
 	}
 	for i := range peers {
-		slices.SortFunc(peers[i].AllowedIPs, comparePrefix)
+		if len(peers[i].AllowedIPs) > 1 {
+			slices.SortFunc(peers[i].AllowedIPs, comparePrefix)
+		}
 	}
-	slices.SortFunc(peers, func(a, b api.Peer) int { return strings.Compare(a.Name, b.Name) })
+	if !slices.IsSortedFunc(peers, comparePeer) {
+		slices.SortFunc(peers, comparePeer)
+	}
 	return peers
 }
 
@@ -315,6 +323,8 @@ func (v *View) entry(me, n *api.Node) (api.Peer, api.Path, bool) {
 	}
 	return peer, path, true
 }
+
+func comparePeer(a, b api.Peer) int { return strings.Compare(a.Name, b.Name) }
 
 func comparePrefix(a, b netip.Prefix) int {
 	if c := a.Addr().Compare(b.Addr()); c != 0 {

@@ -431,27 +431,6 @@ func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server)
 	return nm, line, digest, err
 }
 
-// encodeNetMap encodes nm once for both the line and its digest: the
-// digest identifies the content apart from the version, so that a stream
-// keeps 32 bytes, not the map (N maps of N peers would be O(N²) memory).
-func encodeNetMap(nm api.NetMap) ([]byte, [sha256.Size]byte, error) {
-	version := nm.Version
-	nm.Version = 0
-	b, err := json.Marshal(nm)
-	if err != nil {
-		return nil, [sha256.Size]byte{}, err
-	}
-	digest := sha256.Sum256(b)
-	const zero = `{"version":0,`
-	if !bytes.HasPrefix(b, []byte(zero)) {
-		return nil, digest, errors.New("netmap encoding does not start with its version")
-	}
-	line := make([]byte, 0, len(b)+24)
-	line = fmt.Appendf(line, `{"version":%d,`, version)
-	line = append(line, b[len(zero):]...)
-	return append(line, '\n'), digest, nil
-}
-
 // write writes one line with a deadline and flushes it.
 func (st *netmapStream) write(line func() error) error {
 	_ = st.rc.SetWriteDeadline(time.Now().Add(30 * time.Second))

