@@ -246,7 +246,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		Relay:        a.cfg.Relay,
 	}
 	if a.cfg.DataPlane {
-		req.PublicKey = api.Key(a.id.privateKey.PublicKey())
+		req.PublicKey = a.id.publicKey
 		req.ListenPort = uint16(a.cfg.WireGuard.ListenPort)
 	}
 	start := time.Now()
@@ -453,7 +453,7 @@ func (a *Agent) apply(nm api.NetMap) {
 }
 
 func (a *Agent) sanitize(p api.Peer) (mesh.Peer, bool) {
-	if p.PublicKey.IsZero() || p.PublicKey == api.Key(a.id.privateKey.PublicKey()) {
+	if p.PublicKey.IsZero() || p.PublicKey == a.id.publicKey {
 		a.log.Warn("ignoring netmap peer with a missing or our own key", "peer", p.Name)
 		return mesh.Peer{}, false
 	}

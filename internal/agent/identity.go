@@ -10,6 +10,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/pki"
 )
 
@@ -17,6 +18,7 @@ import (
 // WireGuard key and its node password, both kept 0600 in the data dir.
 type identity struct {
 	privateKey wgtypes.Key
+	publicKey  api.Key // of privateKey, derived once: netmaps compare it per peer
 	password   string
 }
 
@@ -43,6 +45,7 @@ func loadOrCreateIdentity(c *Config) (identity, error) {
 	default:
 		return id, fmt.Errorf("read WireGuard key: %w", err)
 	}
+	id.publicKey = api.Key(id.privateKey.PublicKey())
 	if err := pki.CheckPrivate(keyPath); err != nil {
 		c.Logger.Warn("WireGuard private key is readable by others", "err", err)
 	}

@@ -19,7 +19,7 @@ func testAgent(t testing.TB) *Agent {
 	}
 	return &Agent{
 		log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-		id:    identity{privateKey: k},
+		id:    identity{privateKey: k, publicKey: api.Key(k.PublicKey())},
 		cidrs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/16")},
 		self:  api.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/24")}},
 	}
