@@ -56,6 +56,9 @@ type View struct {
 	// is a peer. keyCount counts every record with the key.
 	keyOwner map[api.Key]string
 	keyCount map[api.Key]int
+	// allowed[name] is AllowedIPs of the node, sorted and clipped (an
+	// append copies it); shared by every netmap, read-only.
+	allowed map[string][]netip.Prefix
 }
 
 // observedKey names a node's observed endpoint of one address family.
@@ -160,6 +163,7 @@ func (v *View) index() {
 	v.byName = make(map[string]*api.Node, len(v.nodes))
 	v.keyOwner = make(map[api.Key]string, len(v.nodes))
 	v.keyCount = make(map[api.Key]int, len(v.nodes))
+	v.allowed = make(map[string][]netip.Prefix, len(v.nodes))
 	for i := range v.nodes {
 		n := &v.nodes[i]
 		if _, dup := v.byName[n.Name]; dup {
@@ -167,7 +171,10 @@ func (v *View) index() {
 		}
 		v.byName[n.Name] = n
 		v.keyCount[n.PublicKey]++
-		if _, taken := v.keyOwner[n.PublicKey]; !taken && hasDataPlane(n) && len(AllowedIPs(n, v.policy.ClusterCIDRs)) > 0 {
+		allowed := AllowedIPs(n, v.policy.ClusterCIDRs)
+		slices.SortFunc(allowed, comparePrefix)
+		v.allowed[n.Name] = slices.Clip(allowed)
+		if _, taken := v.keyOwner[n.PublicKey]; !taken && hasDataPlane(n) && len(allowed) > 0 {
 			v.keyOwner[n.PublicKey] = n.Name
 		}
 		if relayCapable(n) && hasDataPlane(n) {
@@ -234,7 +241,8 @@ func relayCapable(n *api.Node) bool { return n.Relay || n.HasRole(api.RoleServer
 
 func hasDataPlane(n *api.Node) bool { return !n.PublicKey.IsZero() && n.ListenPort != 0 }
 
-// Peers returns the peers of the node named self, sorted by name. Nodes
+// Peers returns the peers of the node named self, sorted by name; their
+// AllowedIPs may be shared with other netmaps of the view: read-only. Nodes
 // without a data plane (no key, no listen port or no pod CIDR) and entries
 // that fail the sanity checks are left out. A peer reached through a relay
 // is listed with no allowed IPs (a probe of the direct path) and its pod
@@ -270,12 +278,14 @@ func (v *View) Peers(self string) []api.Peer {
 			if !ok {
 				continue
 			}
-			peers[ri].AllowedIPs = append(peers[ri].AllowedIPs, AllowedIPs(v.byName[p.To], v.policy.ClusterCIDRs)...)
+			// The relay's own prefixes are shared and clipped: append
+			// copies them.
+			peers[ri].AllowedIPs = append(peers[ri].AllowedIPs, v.allowed[p.To]...)
 		}
-	}
-	for i := range peers {
-		if len(peers[i].AllowedIPs) > 1 {
-			slices.SortFunc(peers[i].AllowedIPs, comparePrefix)
+		for _, p := range relayed {
+			if ri, ok := index[p.Via]; ok && !slices.IsSortedFunc(peers[ri].AllowedIPs, comparePrefix) {
+				slices.SortFunc(peers[ri].AllowedIPs, comparePrefix)
+			}
 		}
 	}
 	if !slices.IsSortedFunc(peers, comparePeer) {
@@ -294,17 +304,16 @@ func (v *View) Peer(self, name string) (peer api.Peer, direct, ok bool) {
 		return api.Peer{}, false, false
 	}
 	peer, path, ok := v.entry(me, n)
-	slices.SortFunc(peer.AllowedIPs, comparePrefix)
 	return peer, ok && path.Kind == api.PathDirect, ok
 }
 
 // entry computes me's peer entry for n, without the pod CIDRs of peers
-// relayed through n.
+// relayed through n. Its AllowedIPs are shared: read-only.
 func (v *View) entry(me, n *api.Node) (api.Peer, api.Path, bool) {
 	if n == me || !hasDataPlane(n) || n.PublicKey == me.PublicKey || v.keyOwner[n.PublicKey] != n.Name {
 		return api.Peer{}, api.Path{}, false
 	}
-	allowed := AllowedIPs(n, v.policy.ClusterCIDRs)
+	allowed := v.allowed[n.Name]
 	if len(allowed) == 0 {
 		return api.Peer{}, api.Path{}, false
 	}

@@ -17,7 +17,10 @@ import (
 // keeps 32 bytes, not the map (N maps of N peers would be O(N²) memory).
 // The peers, most of a netmap's bytes, are written by appendPeer, about
 // three times faster than encoding/json and byte for byte the same.
-func encodeNetMap(nm api.NetMap) ([]byte, [sha256.Size]byte, error) {
+//
+// Without withDigest the digest is left zero (a stream of deltas needs
+// none).
+func encodeNetMap(nm api.NetMap, withDigest bool) ([]byte, [sha256.Size]byte, error) {
 	version, peers := nm.Version, nm.Peers
 	nm.Version, nm.Peers = 0, []api.Peer{}
 	frame, err := json.Marshal(nm)
@@ -39,8 +42,11 @@ func encodeNetMap(nm api.NetMap) ([]byte, [sha256.Size]byte, error) {
 		line = appendPeer(line, p)
 	}
 	line = append(line, frame[i+len(slot)-1:]...)
-	// The digest covers everything after the version.
-	digest := sha256.Sum256(line[bytes.IndexByte(line, ','):])
+	var digest [sha256.Size]byte
+	if withDigest {
+		// The digest covers everything after the version.
+		digest = sha256.Sum256(line[bytes.IndexByte(line, ','):])
+	}
 	return append(line, '\n'), digest, nil
 }
 

@@ -26,7 +26,7 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 		Servers:    []api.Server{{Name: "s1", URL: "https://198.51.100.1:6443"}, {Name: "s2", URL: "https://198.51.100.2:6443"}},
 		ServerName: "s1",
 	}
-	line, digest, err := encodeNetMap(nm)
+	line, digest, err := encodeNetMap(nm, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,15 +35,15 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 		t.Fatalf("encoding differs:\n got %s\nwant %s", line, want)
 	}
 	nm.Version = 43
-	if _, d, _ := encodeNetMap(nm); d != digest {
+	if _, d, _ := encodeNetMap(nm, true); d != digest {
 		t.Error("the digest depends on the version")
 	}
 	nm.Peers[0].Endpoint = netip.MustParseAddrPort("203.0.113.9:51820")
-	if _, d, _ := encodeNetMap(nm); d == digest {
+	if _, d, _ := encodeNetMap(nm, true); d == digest {
 		t.Error("the digest does not see a new endpoint")
 	}
 	nm.Peers = nil
-	line, _, _ = encodeNetMap(nm)
+	line, _, _ = encodeNetMap(nm, true)
 	if !bytes.Contains(line, []byte(`"peers":[]`)) {
 		t.Errorf("no peers: %s", line)
 	}

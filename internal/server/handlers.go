@@ -427,7 +427,7 @@ func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server)
 	defer func() { <-s.fullMaps }()
 	nm, _ := s.hub.netmapFor(st.name, p)
 	nm.Servers, nm.ServerName = servers, s.cfg.NodeName
-	line, digest, err := encodeNetMap(nm)
+	line, digest, err := encodeNetMap(nm, !st.deltas)
 	return nm, line, digest, err
 }
 
