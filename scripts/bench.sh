@@ -6,11 +6,13 @@
 #
 #   make bench                          # everything (about 30-60 minutes)
 #   BENCH_AGENTS=100,1000 make bench    # smaller control-plane runs
+#   BENCH_WHOLE= make bench             # skip the whole-netmap comparison runs
 #   BENCH_ONLY=loadgen make bench       # one part: machine, dataplane, join, convergence, loadgen
 set -eu
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/bench}
 AGENTS=${BENCH_AGENTS:-100,1000,5000}
+WHOLE=${BENCH_WHOLE-100,1000} # also run with whole netmaps (as before deltas), to compare; empty: none
 ONLY=${BENCH_ONLY:-}
 mkdir -p "$OUT" bin
 OUT=$(cd "$OUT" && pwd)
@@ -56,7 +58,7 @@ if want convergence; then
 	cat "$OUT/convergence.log"
 fi
 if want loadgen; then
-	step "control plane: $AGENTS virtual agents against one server -> $OUT/loadgen.{json,md,png}"
-	bin/trellis-loadgen -trellis bin/trellis -agents "$AGENTS" -phase-timeout 10m -out "$OUT"
+	step "control plane: $AGENTS virtual agents against one server (deltas), $WHOLE again with whole netmaps -> $OUT/loadgen.{json,md,png}"
+	bin/trellis-loadgen -trellis bin/trellis -agents "$AGENTS" -whole "$WHOLE" -phase-timeout 10m -out "$OUT"
 fi
 step "done: results in $OUT"
