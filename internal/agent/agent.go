@@ -115,11 +115,8 @@ func Run(ctx context.Context, cfg Config) error {
 	defer stopSupervisor()
 	rctx, stopReports := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		a.reportLoop(rctx)
-	}()
+	wg.Go(func() { a.reportLoop(rctx) })
+	wg.Go(func() { a.rescueLoop(rctx) })
 	defer func() {
 		stopReports()
 		wg.Wait()
@@ -244,6 +241,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		Networks:     addrs.networks,
 		ExternalIPs:  a.externalIPs(),
 		Relay:        a.cfg.Relay,
+		Members:      a.cfg.VPN != nil, // checks the VPN's routes against them
 	}
 	if a.cfg.DataPlane {
 		req.PublicKey = a.id.publicKey

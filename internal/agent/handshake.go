@@ -1,0 +1,185 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/mesh"
+)
+
+// Crossed handshakes. Nodes that join together learn of each other from
+// the same netmap push, and each sends a WireGuard handshake initiation to
+// the other at once. When both initiations are in flight at the same time
+// (the path's one-way delay, or a busy node's processing time), each node
+// answers the other's and drops the answer to its own: neither has a
+// session. WireGuard retries after 5 s, but the answer a node sent counts
+// as its last handshake message, so with traffic on both sides both retry
+// at the same moment and cross again, every 5 s, for as long as chance
+// keeps them in step: 5-25 s to a first packet with 20 nodes joining on
+// one machine.
+//
+// The agent watches for this and starts the handshake over on its side
+// (mesh.Device.ResetPeer): one fresh initiation, sent between the peer's
+// retries, completes in a round trip. A reset is itself an initiation
+// that can cross the peer's, so the agent resets only a peer without a
+// session, and only on evidence. A peer that sent us an initiation (it
+// knows us, and we answered; the received bytes grew) and still has no
+// session: the node with the lower public key resets it soon, the other
+// later, so that their fresh initiations do not cross as well. Without
+// such evidence the peer may not know us yet (its netmap comes later, and
+// it initiates when it does), or does not answer at all: reset only after
+// WireGuard's own first retry would have had its chance, backing off for
+// a peer that stays silent (down, or unreachable directly and relayed).
+//
+// A peer with a session is never reset, even one that seems not to
+// answer: behind a NAT, it may be the only side able to start a session,
+// and would not notice ours was gone for 15 s or more.
+const (
+	// rescueInterval is how often the agent looks at its peers (a status
+	// read of the device, a fraction of a millisecond).
+	rescueInterval = 250 * time.Millisecond
+	// crossedFirst is how long after the peer's initiation arrived a peer
+	// may stay without a handshake before the node with the lower key
+	// starts it over (the peer's confirmation takes one round trip, and a
+	// premature reset costs one more); crossedSecond is the same for the
+	// node with the higher key.
+	crossedFirst  = 500 * time.Millisecond
+	crossedSecond = 1500 * time.Millisecond
+	// silentFirst and silentSecond are the same for a peer that sent
+	// nothing, from when the wait began.
+	silentFirst  = 6 * time.Second
+	silentSecond = 8 * time.Second
+	// rescueRetry is the wait after an attempt, doubled per attempt up
+	// to rescueMaxWait, with ±20 % jitter.
+	rescueRetry   = 2 * time.Second
+	rescueMaxWait = 30 * time.Second
+)
+
+// handshakeRescue decides when to start a peer's handshake over. It holds
+// no device: rescueLoop feeds it the device's status.
+type handshakeRescue struct {
+	own    [32]byte
+	jitter func() float64 // in [0, 1)
+	peers  map[[32]byte]*rescuePeer
+}
+
+// rescuePeer is a peer of the device without a fresh handshake: since
+// when (or the last reset), the received bytes then, when they grew (zero
+// until then), and the resets so far.
+type rescuePeer struct {
+	since    time.Time
+	rxSince  int64
+	heard    time.Time
+	attempts int
+}
+
+func newHandshakeRescue(own [32]byte) *handshakeRescue {
+	return &handshakeRescue{own: own, jitter: rand.Float64, peers: map[[32]byte]*rescuePeer{}}
+}
+
+// resetAt is when a peer without a handshake is due to be reset.
+func (r *handshakeRescue) resetAt(peer [32]byte, w *rescuePeer) time.Time {
+	if w.attempts > 0 {
+		d := min(rescueRetry<<min(w.attempts-1, 5), rescueMaxWait)
+		return w.since.Add(time.Duration(float64(d) * (0.8 + 0.4*r.jitter())))
+	}
+	first := bytes.Compare(r.own[:], peer[:]) < 0
+	switch {
+	case !w.heard.IsZero() && first:
+		return w.heard.Add(crossedFirst)
+	case !w.heard.IsZero():
+		return w.heard.Add(crossedSecond)
+	case first:
+		return w.since.Add(silentFirst)
+	default:
+		return w.since.Add(silentSecond)
+	}
+}
+
+// due returns the peers to reset now, given the device's peers, and why.
+// A peer with no endpoint is left alone: it must reach us first.
+func (r *handshakeRescue) due(st []mesh.PeerStatus, now time.Time) (reset []mesh.PeerStatus, why []string) {
+	seen := make(map[[32]byte]bool, len(st))
+	for _, p := range st {
+		seen[p.PublicKey] = true
+		if handshakeFresh(p.LastHandshake, now) || !p.Endpoint.IsValid() {
+			delete(r.peers, p.PublicKey)
+			continue
+		}
+		w := r.peers[p.PublicKey]
+		if w == nil {
+			w = &rescuePeer{since: now, rxSince: p.ReceiveBytes}
+			if p.LastHandshake.IsZero() {
+				w.rxSince = 0 // never a session: all it received is handshakes
+			}
+			r.peers[p.PublicKey] = w
+		}
+		if w.heard.IsZero() && p.ReceiveBytes > w.rxSince {
+			w.heard = now
+		}
+		if now.Before(r.resetAt(p.PublicKey, w)) {
+			continue
+		}
+		reason := "no handshake, the peer's initiation crossed ours"
+		if w.heard.IsZero() {
+			reason = "no handshake, nothing heard"
+		}
+		// The peer is added anew: its counters start from zero.
+		w.since, w.rxSince, w.heard = now, 0, time.Time{}
+		w.attempts++
+		reset, why = append(reset, p), append(why, reason)
+	}
+	for k := range r.peers {
+		if !seen[k] {
+			delete(r.peers, k)
+		}
+	}
+	return reset, why
+}
+
+// rescueLoop starts over the handshakes of peers that have none (see
+// handshakeRescue) until ctx ends.
+func (a *Agent) rescueLoop(ctx context.Context) {
+	if a.dev == nil {
+		return // a VPN carries the traffic
+	}
+	r := newHandshakeRescue(a.dev.PublicKey())
+	t := time.NewTicker(rescueInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st, err := a.dev.Status()
+		if err != nil {
+			continue
+		}
+		reset, why := r.due(st, time.Now())
+		for i, p := range reset {
+			a.resetPeer(p, why[i], r.peers[p.PublicKey].attempts)
+		}
+	}
+}
+
+func (a *Agent) resetPeer(p mesh.PeerStatus, why string, attempts int) {
+	a.mu.Lock()
+	name := ""
+	if ps := a.peers[api.Key(p.PublicKey)]; ps != nil {
+		name = ps.name
+	}
+	a.mu.Unlock()
+	if err := a.dev.ResetPeer(p.PublicKey); err != nil {
+		a.log.Warn("starting a WireGuard handshake over failed", "peer", name, "err", err)
+		return
+	}
+	say := a.log.Debug
+	if attempts <= 1 {
+		say = a.log.Info
+	}
+	say("WireGuard handshake started over", "peer", name, "reason", why, "endpoint", p.Endpoint, "attempt", attempts)
+}
