@@ -136,9 +136,12 @@ func (a *Agent) reportLoop(ctx context.Context) {
 		if !addrs.equal(prev) {
 			a.log.Info("node addresses changed; telling the server", "from", prev.internal, "to", addrs.internal)
 		}
-		if !slices.Equal(addrs.local, prev.local) {
+		if gone := goneAddrs(prev.local, addrs.local); len(gone) > 0 {
 			// Connections to the server may be bound to an address that
 			// is gone: start them afresh rather than wait for timeouts.
+			// (New addresses break nothing, and the agent adds its own
+			// at start: the tunnel's and the pod bridge's.)
+			a.log.Debug("addresses went away; reconnecting to the server", "gone", gone)
 			if c != nil {
 				c.close()
 			}
@@ -166,6 +169,18 @@ func (a *Agent) reportLoop(ctx context.Context) {
 		}
 		last = body
 	}
+}
+
+// goneAddrs returns the addresses of prev that are not in cur (both
+// sorted).
+func goneAddrs(prev, cur []netip.Addr) []netip.Addr {
+	var gone []netip.Addr
+	for _, a := range prev {
+		if _, found := slices.BinarySearchFunc(cur, a, netip.Addr.Compare); !found {
+			gone = append(gone, a)
+		}
+	}
+	return gone
 }
 
 func (c *apiClient) report(ctx context.Context, body []byte) error {
