@@ -18,12 +18,20 @@ import (
 //   - a working path (a fresh handshake at the device's current endpoint)
 //     is kept: WireGuard follows a peer that roams, for instance behind a
 //     NAT that maps it elsewhere than the server observed; unless the
-//     netmap announces a new address for the peer (desired changed);
+//     netmap announces that the peer moved (its endpoint went from one IP
+//     address to another). A new port on the same address, or an address
+//     where the netmap knew none, is not a move but where some node saw
+//     the peer's packets come from: behind a symmetric NAT that mapping
+//     works for that node only, while the current endpoint is where the
+//     peer's packets to this node come from. Overwriting it cut this
+//     node's packets to the peer off until the peer's next packet (up to
+//     a 25 s keepalive);
 //   - when the netmap knows no endpoint, the one that last worked, kept
 //     across restarts, is tried;
 //   - otherwise the netmap's.
 func chooseEndpoint(desired, lastDesired netip.AddrPort, cur *mesh.PeerStatus, remembered netip.AddrPort, now time.Time) netip.AddrPort {
-	if cur != nil && desired == lastDesired && cur.Endpoint.IsValid() && handshakeFresh(cur.LastHandshake, now) {
+	moved := desired.IsValid() && lastDesired.IsValid() && desired.Addr() != lastDesired.Addr()
+	if cur != nil && !moved && cur.Endpoint.IsValid() && handshakeFresh(cur.LastHandshake, now) {
 		return cur.Endpoint
 	}
 	if !desired.IsValid() && remembered.IsValid() && netmap.ValidEndpoint(remembered.Addr()) {
