@@ -77,13 +77,23 @@ func (c *cluster) newMember(n *Node, role string) *member {
 
 // nodeArgs are the flags every trellis node gets.
 func (m *member) nodeArgs() []string {
-	return []string{
+	args := []string{
 		"--data-dir", m.dataDir,
 		"--node-name", m.Name,
 		"--node-ip", m.LANIP.String(),
 		"--node-external-ip", m.PublicIP.String(),
 		"--cni-conf-dir", m.cniDir,
 	}
+	return append(args, logArgs()...)
+}
+
+// logArgs are the logging flags of trellis processes: TRELLIS_E2E_LOG_LEVEL
+// (debug, info, warn, error) sets --log-level.
+func logArgs() []string {
+	if level := os.Getenv("TRELLIS_E2E_LOG_LEVEL"); level != "" {
+		return []string{"--log-level", level}
+	}
+	return nil
 }
 
 // startServer starts the server on n and waits for its join token.
@@ -191,6 +201,17 @@ func (c *cluster) waitNodes(ms ...*member) map[string]api.Node {
 // starts an echo server in the pod.
 func (c *cluster) attachPod(m *member) {
 	c.t.Helper()
+	m.pod = m.MustAddPod(c.waitCNIConfig(m))
+	if err := m.pod.ServeEcho(); err != nil {
+		c.t.Fatalf("echo server in %s's pod: %v", m.Name, err)
+	}
+}
+
+// waitCNIConfig waits until m's agent has written its CNI configuration
+// (it does once the node has joined and its data plane is up) and returns
+// its path.
+func (c *cluster) waitCNIConfig(m *member) string {
+	c.t.Helper()
 	conflist := filepath.Join(m.cniDir, conflistName)
 	WaitFor(c.t, joinTimeout, m.Name+"'s agent to write "+conflist, func() error {
 		if err := m.proc.Err(); err != nil {
@@ -205,10 +226,7 @@ func (c *cluster) attachPod(m *member) {
 		}
 		return nil
 	})
-	m.pod = m.MustAddPod(conflist)
-	if err := m.pod.ServeEcho(); err != nil {
-		c.t.Fatalf("echo server in %s's pod: %v", m.Name, err)
-	}
+	return conflist
 }
 
 // checkPods checks that every pod of from reaches every pod of to (other

@@ -25,6 +25,7 @@ func (c *cluster) startAgentWith(n *Node, extra ...string) *member {
 	args := []string{c.bin, "agent",
 		"--server", "https://" + netip.AddrPortFrom(c.server.PublicIP, 6443).String(),
 		"--token", c.token, "--data-dir", m.dataDir, "--node-name", m.Name, "--cni-conf-dir", m.cniDir}
+	args = append(args, logArgs()...)
 	m.proc = n.Start(append(args, extra...)...)
 	return m
 }
