@@ -241,6 +241,7 @@ func (a *Agent) join(ctx context.Context) (*apiClient, error) {
 		Networks:     addrs.networks,
 		ExternalIPs:  a.externalIPs(),
 		Relay:        a.cfg.Relay,
+		Members:      a.cfg.VPN != nil, // checks the VPN's routes against them
 	}
 	if a.cfg.DataPlane {
 		req.PublicKey = a.id.publicKey

@@ -113,6 +113,10 @@ type JoinRequest struct {
 	// Relay asks to relay traffic for nodes that cannot reach each other
 	// (--relay). Servers relay anyway.
 	Relay bool `json:"relay,omitempty"`
+	// Members asks for JoinResponse.Members: a node on a VPN carrier
+	// (--vpn-auth) needs them. Others do not: the list is O(nodes) per
+	// join.
+	Members bool `json:"members,omitempty"`
 }
 
 // JoinResponse answers a successful join.
@@ -124,7 +128,7 @@ type JoinResponse struct {
 	// ClusterCIDRs are the cluster's pod address ranges.
 	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs"`
 	// Members are the cluster's nodes at the time of the join (see
-	// Member).
+	// Member), when JoinRequest.Members asked for them.
 	Members []Member `json:"members,omitempty"`
 	// Servers are every server of the cluster: an agent fails over to
 	// another when the one it uses is lost.

@@ -231,7 +231,11 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("node joined", "node", rec.Name, "source", src, "podCIDRs", joinPrefixes(rec.PodCIDRs), "took", time.Since(start).Round(time.Millisecond))
-	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: s.hub.members(rec.Node), Servers: s.hub.serverList(), ServerName: s.cfg.NodeName})
+	var members []api.Member
+	if req.Members {
+		members = s.hub.members(rec.Node)
+	}
+	writeJSON(w, http.StatusOK, api.JoinResponse{Node: rec.Node, Certificate: certPEM, ClusterCIDRs: s.cfg.ClusterCIDRs, Members: members, Servers: s.hub.serverList(), ServerName: s.cfg.NodeName})
 }
 
 func maskAll(ps []netip.Prefix) []netip.Prefix {

@@ -373,3 +373,24 @@ func TestRestartKeepsStateAndRefusesCIDRChange(t *testing.T) {
 		}
 	}
 }
+
+// TestJoinMembersOnlyWhenAsked: the member list (O(nodes)) goes only to
+// nodes that ask for it (VPN carriers).
+func TestJoinMembersOnlyWhenAsked(t *testing.T) {
+	ts := startServer(t, t.TempDir(), nil)
+	mustJoin(t, ts, joinReq("a", 1, pwA))
+	b := mustJoin(t, ts, joinReq("b", 2, pwA))
+	if len(b.resp.Members) != 0 {
+		t.Fatalf("members sent without asking: %+v", b.resp.Members)
+	}
+	req := joinReq("c", 3, pwA)
+	req.Members = true
+	c := mustJoin(t, ts, req)
+	var names []string
+	for _, m := range c.resp.Members {
+		names = append(names, m.Name)
+	}
+	if strings.Join(names, ",") != "a,b,c" {
+		t.Fatalf("members = %v, want a,b,c", names)
+	}
+}
