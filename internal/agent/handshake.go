@@ -18,25 +18,32 @@ import (
 // session. WireGuard retries after 5 s, but the answer a node sent counts
 // as its last handshake message, so with traffic on both sides both retry
 // at the same moment and cross again, every 5 s, for as long as chance
-// keeps them in step: 5-25 s to a first packet with 20 nodes joining on
-// one machine.
+// keeps them in step. Worse, wireguard-go handles the two messages of a
+// crossing on parallel workers, and can end up with a session whose
+// receiving half is gone: the node sends, the peer decrypts, but the
+// peer's packets are dropped, until WireGuard gives up on hearing back
+// after 15 s. Both were seen with 20 nodes joining on one machine (first
+// packets after 5-25 s).
 //
-// The agent watches for this and starts the handshake over on its side
+// The agent watches for both and starts the handshake over on its side
 // (mesh.Device.ResetPeer): one fresh initiation, sent between the peer's
 // retries, completes in a round trip. A reset is itself an initiation
-// that can cross the peer's, so the agent resets only a peer without a
-// session, and only on evidence. A peer that sent us an initiation (it
-// knows us, and we answered; the received bytes grew) and still has no
-// session: the node with the lower public key resets it soon, the other
-// later, so that their fresh initiations do not cross as well. Without
-// such evidence the peer may not know us yet (its netmap comes later, and
-// it initiates when it does), or does not answer at all: reset only after
-// WireGuard's own first retry would have had its chance, backing off for
-// a peer that stays silent (down, or unreachable directly and relayed).
+// that can cross the peer's, so the agent resets only on evidence. A
+// peer without a session that sent us an initiation (it knows us, and we
+// answered; the received bytes grew): the node with the lower public key
+// resets it soon, the other later, so that their fresh initiations do not
+// cross as well. Without such evidence the peer may not know us yet (its
+// netmap comes later, and it initiates when it does), or does not answer
+// at all: reset only after WireGuard's own first retry would have had its
+// chance, backing off for a peer that stays silent (down, or unreachable
+// directly and relayed).
 //
-// A peer with a session is never reset, even one that seems not to
-// answer: behind a NAT, it may be the only side able to start a session,
-// and would not notice ours was gone for 15 s or more.
+// A session is reset only when it is new (the peer was added less than
+// newPeerFor ago), this node sent it data and heard nothing back within
+// deafAfter, and only once per peer: an idle peer sends nothing, and a
+// one-way flow hears only WireGuard's keepalive after 10 s. The fresh
+// initiation goes to the session's endpoint, where the peer's packets
+// came from (chooseEndpoint keeps it), so it passes the peer's NAT too.
 const (
 	// rescueInterval is how often the agent looks at its peers (a status
 	// read of the device, a fraction of a millisecond).
@@ -56,6 +63,13 @@ const (
 	// to rescueMaxWait, with ±20 % jitter.
 	rescueRetry   = 2 * time.Second
 	rescueMaxWait = 30 * time.Second
+	// A session of a peer added less than newPeerFor ago that has heard
+	// nothing from the peer deafAfter after this node had sent it
+	// deafBytes (two small packets) is reset, once per peer. Replies take
+	// a round trip, longer on a busy node.
+	newPeerFor = 30 * time.Second
+	deafAfter  = 1500 * time.Millisecond
+	deafBytes  = 256
 )
 
 // handshakeRescue decides when to start a peer's handshake over. It holds
@@ -66,14 +80,24 @@ type handshakeRescue struct {
 	peers  map[[32]byte]*rescuePeer
 }
 
-// rescuePeer is a peer of the device without a fresh handshake: since
-// when (or the last reset), the received bytes then, when they grew (zero
-// until then), and the resets so far.
+// rescuePeer is what the rescue knows of one of the device's peers.
 type rescuePeer struct {
+	added time.Time // first seen on the device
+	// Without a fresh handshake: since when (or the last reset), the
+	// received bytes then, when they grew (zero until then), and the
+	// resets so far. since is zero while the handshake is fresh.
 	since    time.Time
 	rxSince  int64
 	heard    time.Time
 	attempts int
+	// The current session: its handshake, the counters when first seen,
+	// whether a packet from the peer came since, and when this node had
+	// sent deafBytes in it.
+	session      time.Time
+	rx0, tx0     int64
+	sessionHeard bool
+	sent         time.Time
+	deaf         bool // a session that heard nothing was reset once
 }
 
 func newHandshakeRescue(own [32]byte) *handshakeRescue {
@@ -105,17 +129,27 @@ func (r *handshakeRescue) due(st []mesh.PeerStatus, now time.Time) (reset []mesh
 	seen := make(map[[32]byte]bool, len(st))
 	for _, p := range st {
 		seen[p.PublicKey] = true
-		if handshakeFresh(p.LastHandshake, now) || !p.Endpoint.IsValid() {
-			delete(r.peers, p.PublicKey)
-			continue
-		}
 		w := r.peers[p.PublicKey]
 		if w == nil {
-			w = &rescuePeer{since: now, rxSince: p.ReceiveBytes}
+			w = &rescuePeer{added: now}
+			r.peers[p.PublicKey] = w
+		}
+		if !p.Endpoint.IsValid() {
+			w.since, w.heard, w.attempts = time.Time{}, time.Time{}, 0
+			continue
+		}
+		if handshakeFresh(p.LastHandshake, now) {
+			w.since, w.heard, w.attempts = time.Time{}, time.Time{}, 0
+			if r.deaf(w, p, now) {
+				reset, why = append(reset, p), append(why, "new session hears nothing back")
+			}
+			continue
+		}
+		if w.since.IsZero() {
+			w.since, w.rxSince = now, p.ReceiveBytes
 			if p.LastHandshake.IsZero() {
 				w.rxSince = 0 // never a session: all it received is handshakes
 			}
-			r.peers[p.PublicKey] = w
 		}
 		if w.heard.IsZero() && p.ReceiveBytes > w.rxSince {
 			w.heard = now
@@ -140,8 +174,26 @@ func (r *handshakeRescue) due(st []mesh.PeerStatus, now time.Time) (reset []mesh
 	return reset, why
 }
 
-// rescueLoop starts over the handshakes of peers that have none (see
-// handshakeRescue) until ctx ends.
+// deaf follows a peer's session and reports whether it is due for a
+// reset: new, sending, hearing nothing.
+func (r *handshakeRescue) deaf(w *rescuePeer, p mesh.PeerStatus, now time.Time) bool {
+	if !p.LastHandshake.Equal(w.session) {
+		w.session, w.rx0, w.tx0, w.sessionHeard, w.sent = p.LastHandshake, p.ReceiveBytes, p.TransmitBytes, false, time.Time{}
+		return false
+	}
+	w.sessionHeard = w.sessionHeard || p.ReceiveBytes > w.rx0
+	if w.sent.IsZero() && p.TransmitBytes-w.tx0 >= deafBytes {
+		w.sent = now
+	}
+	if w.sessionHeard || w.deaf || w.sent.IsZero() || now.Sub(w.added) >= newPeerFor || now.Sub(w.sent) < deafAfter {
+		return false
+	}
+	w.deaf = true
+	return true
+}
+
+// rescueLoop starts over the handshakes of peers that have none, or a new
+// session that hears nothing (see handshakeRescue), until ctx ends.
 func (a *Agent) rescueLoop(ctx context.Context) {
 	if a.dev == nil {
 		return // a VPN carries the traffic

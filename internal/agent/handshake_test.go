@@ -84,8 +84,7 @@ func TestHandshakeRescueNoHandshake(t *testing.T) {
 	}
 
 	// A handshake ends the wait; losing it later starts a new one, where
-	// only bytes received after the loss count as evidence. A session is
-	// never reset, whatever its counters.
+	// only bytes received after the loss count as evidence.
 	hs := t0.Add(3 * time.Second)
 	ok := func(time.Duration) []mesh.PeerStatus {
 		return []mesh.PeerStatus{{PublicKey: low, Endpoint: ep, LastHandshake: hs, ReceiveBytes: 5000, TransmitBytes: 5000}}
@@ -117,5 +116,45 @@ func TestHandshakeRescueNoHandshake(t *testing.T) {
 	w := &rescuePeer{since: t0, attempts: 20}
 	if d := r.resetAt(low, w).Sub(t0); d < rescueMaxWait*8/10 || d > rescueMaxWait*12/10 {
 		t.Errorf("wait after 20 attempts = %v, want about %v", d, rescueMaxWait)
+	}
+}
+
+func TestHandshakeRescueDeafSession(t *testing.T) {
+	own, peer := [32]byte{5}, [32]byte{9}
+	ep := netip.MustParseAddrPort("198.18.0.1:51820")
+	t0 := time.Unix(1_700_000_000, 0)
+	hs := t0.Add(500 * time.Millisecond)
+	// status: a handshake at hs; from then on this node sends 1 kB/s and
+	// receives rxRate bytes/s.
+	status := func(rxRate int64) func(time.Duration) []mesh.PeerStatus {
+		return func(d time.Duration) []mesh.PeerStatus {
+			p := mesh.PeerStatus{PublicKey: peer, Endpoint: ep, TransmitBytes: 148, ReceiveBytes: 92}
+			if at := t0.Add(d); !at.Before(hs) {
+				p.LastHandshake = hs
+				p.TransmitBytes += int64(at.Sub(hs).Seconds() * 1000)
+				p.ReceiveBytes += int64(at.Sub(hs).Seconds() * float64(rxRate))
+			}
+			return []mesh.PeerStatus{p}
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		rxRate int64
+		from   time.Duration
+		want   []time.Duration
+	}{
+		// The session is first seen at 0.5 s, 256 bytes are sent by 1 s.
+		{"hears nothing: reset once, 1.5 s after sending", 0, 0, []time.Duration{2500 * time.Millisecond}},
+		{"hears back: no reset", 1000, 0, nil},
+		{"old peer: never", 0, newPeerFor, nil},
+	} {
+		r := newHandshakeRescue(own)
+		if tc.from > 0 {
+			r.peers[peer] = &rescuePeer{added: t0}
+		}
+		got := rescueRun(r, t0, tc.from, tc.from+10*time.Second, status(tc.rxRate))
+		if !slices.Equal(got[peer], tc.want) {
+			t.Errorf("%s: resets at %v, want %v", tc.name, got[peer], tc.want)
+		}
 	}
 }
