@@ -19,13 +19,13 @@ const (
 	// peers' handshakes; a report is sent only when something changed.
 	reportInterval = time.Second
 	// handshakeGrace is how long a new peer may go without a handshake
-	// before it is reported failing, and the pair is relayed until the
-	// direct path works. A working path completes the first try in a
-	// round trip; this allows WireGuard's first retry (after 5 s) for a
-	// lost packet, and the agent starts crossed handshakes over within
-	// 2 s (handshake.go). It was 16 s: three tries, with a pair behind
-	// NATs that defeat hole punching waiting that long for its relay.
-	handshakeGrace = 6 * time.Second
+	// before it is reported failing (and the pair relayed). WireGuard
+	// retries a handshake every 5 s, so this allows three tries. 6 s
+	// would do now that crossed handshakes are started over (a pair that
+	// needs a relay would get its first packet 10 s sooner), once the
+	// netmap stops giving every node the LAN address a same-network peer
+	// observed for a node behind NAT (docs/bench/join.md).
+	handshakeGrace = 16 * time.Second
 	// handshakeValid is how old the last handshake may be while the
 	// session is alive: WireGuard rekeys after 120 s and rejects sessions
 	// older than 180 s.
