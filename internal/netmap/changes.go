@@ -48,10 +48,12 @@ func Diff(old, new *View, changed []string) Changes {
 				return c
 			}
 		}
+		// Whether x's sightings count depends on x's networks too.
+		obsOnly := sameExceptObservations(o, n)
 		for b := range unionKeys(old.obs[x], new.obs[x]) {
 			before, had := old.obs[x][b]
 			after, has := new.obs[x][b]
-			if had == has && before == after {
+			if had == has && before == after && obsOnly {
 				continue
 			}
 			if relay {

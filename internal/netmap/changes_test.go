@@ -160,7 +160,7 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			next := view.Next(nodes, changed)
 			scratch := NewView(nodes, policy)
 			if !reflect.DeepEqual(next.observed, scratch.observed) {
-				t.Fatalf("seed %d step %d: observed endpoints differ:\nnext    %v\nscratch %v", seed, step, next.observed, scratch.observed)
+				t.Fatalf("seed %d step %d (changed %v): observed endpoints differ:\nnext    %v\nscratch %v", seed, step, changed, next.observed, scratch.observed)
 			}
 			c := Diff(view, next, changed)
 			for _, name := range g.names {

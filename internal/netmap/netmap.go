@@ -91,7 +91,7 @@ func NewView(nodes []api.Node, p Policy) *View {
 		}
 		v.obs[name] = observationMap(n)
 		for _, o := range n.Observations {
-			ep, ok := sightingIn(o)
+			ep, ok := v.sighting(name, o)
 			if !ok {
 				continue
 			}
@@ -133,6 +133,15 @@ func (v *View) Next(nodes []api.Node, changed []string) *View {
 	}
 	var names []string // sorted, built on the first rescan
 	for _, x := range changed {
+		// Whether others' sightings of x count depends on x's record
+		// (its networks; a removed node's sightings all count): O(N).
+		if names == nil {
+			names = nv.names()
+		}
+		nv.rescan(observedKey{node: x}, names)
+		nv.rescan(observedKey{node: x, v6: true}, names)
+	}
+	for _, x := range changed {
 		for b := range unionKeys(v.obs[x], nv.obs[x]) {
 			for _, v6 := range []bool{false, true} {
 				k := observedKey{node: b, v6: v6}
@@ -147,7 +156,7 @@ func (v *View) Next(nodes []api.Node, changed []string) *View {
 				case have && cur.by < x:
 					// An earlier reporter still has it.
 				default:
-					if ep, ok := sightingIn(nv.obs[x][b]); ok && is6(ep.Addr()) == v6 {
+					if ep, ok := nv.sighting(x, nv.obs[x][b]); ok && is6(ep.Addr()) == v6 {
 						nv.observed[k] = sighting{ep: ep, by: x}
 					}
 				}
@@ -201,7 +210,7 @@ func (v *View) rescan(k observedKey, names []string) {
 		if !ok {
 			continue
 		}
-		if ep, ok := sightingIn(o); ok && is6(ep.Addr()) == k.v6 {
+		if ep, ok := v.sighting(r, o); ok && is6(ep.Addr()) == k.v6 {
 			v.observed[k] = sighting{ep: ep, by: r}
 			return
 		}
@@ -216,10 +225,15 @@ func observationMap(n *api.Node) map[string]api.Observation {
 	return m
 }
 
-// sightingIn returns the endpoint an observation vouches for: one with a
-// working handshake at a usable address.
-func sightingIn(o api.Observation) (netip.AddrPort, bool) {
+// sighting returns the endpoint reporter's observation o vouches for, for
+// every node: one with a working handshake at a usable address, seen from
+// another network. A node on the peer's own network (or behind the same
+// NAT) sees its LAN address, which nobody else can reach.
+func (v *View) sighting(reporter string, o api.Observation) (netip.AddrPort, bool) {
 	if o.Handshake != api.HandshakeOK || !o.Endpoint.IsValid() || !ValidEndpoint(o.Endpoint.Addr()) {
+		return netip.AddrPort{}, false
+	}
+	if r, p := v.byName[reporter], v.byName[o.Peer]; r != nil && p != nil && SameNetwork(r, p) {
 		return netip.AddrPort{}, false
 	}
 	return o.Endpoint, true
