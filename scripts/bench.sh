@@ -51,8 +51,8 @@ if want join; then
 	cat "$OUT/join.md"
 fi
 if want convergence; then
-	step "convergence: what the e2e tests measure (3-node join, restarts, IP change, relay loss, delete) -> $OUT/convergence.log"
-	go test -tags e2e -count=1 -timeout 20m -run '^(TestMulticloudMesh|TestNATRelaysAndDynamicIPs)$' -v ./e2e >"$OUT/e2e.log" 2>&1 || echo "(some e2e tests failed; see $OUT/e2e.log)"
+	step "convergence: what the e2e tests measure (3-node join, restarts, IP change, relay loss, delete, server loss) -> $OUT/convergence.log"
+	go test -tags e2e -count=1 -timeout 20m -run '^(TestMulticloudMesh|TestNATRelaysAndDynamicIPs|TestHAServers)$' -v ./e2e >"$OUT/e2e.log" 2>&1 || echo "(some e2e tests failed; see $OUT/e2e.log)"
 	grep -E 'measured:|removed .* peer|→ .* [0-9.]+s$|^\s*(first start|agent restart|server restart|join \(4th node\))' "$OUT/e2e.log" | sed 's/^ *//' >"$OUT/convergence.log" || true
 	rm -f "$OUT/e2e.log"
 	cat "$OUT/convergence.log"
