@@ -94,9 +94,22 @@ func TestUnknownKeyNamesKeyAndFile(t *testing.T) {
 	}
 }
 
+// emptyConfig is an empty config file, so that a test does not read the
+// machine's /etc/trellis/config.yaml.
+func emptyConfig(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return "--config=" + p
+}
+
 func TestBadFlagValues(t *testing.T) {
+	cfg := emptyConfig(t)
 	for _, args := range [][]string{
-		{"agent", "--server=https://x:6443", "--token=t", "--node-name=n", "--node-external-ip=not-an-ip", "--config=/nonexistent-ok"},
+		{"agent", "--server=https://x:6443", "--token=t", "--node-name=n", "--node-external-ip=not-an-ip", cfg},
+		{"agent", "--server=https://x:6443", "--token=t", "--node-name=n", "--config=/nonexistent"},
 		{"server", "--cluster-cidr=10.42.0.0/33", "--node-name=n"},
 		{"server", "--cluster-cidr=10.42.0.1/16", "--node-name=n"},
 		{"agent", "--server=ftp://x", "--token=t", "--node-name=n"},
@@ -104,11 +117,15 @@ func TestBadFlagValues(t *testing.T) {
 		{"agent", "--server=https://x:6443", "--token=t", "--node-name=n", "--flannel-backend=vxlan"},
 		{"bogus"},
 	} {
+		if args[0] != "bogus" && !strings.HasPrefix(args[len(args)-1], "--config=") {
+			args = append(args, cfg)
+		}
 		err := run(t.Context(), args, io.Discard, io.Discard, func(string) string { return "" })
 		if err == nil {
 			t.Errorf("%v: no error", args)
 			continue
 		}
+		t.Logf("%v: %v", args, err)
 		if strings.Count(err.Error(), "\n") > 0 {
 			t.Errorf("%v: error is not one line: %q", args, err)
 		}

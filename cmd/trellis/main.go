@@ -126,7 +126,7 @@ type nodeFlags struct {
 	relay          bool
 	vpn            vpnFlags
 	withNodeID     bool
-	metricsAddr    string
+	ops            opsFlags // ops.go
 	cleanup        bool
 	serverURL      *string // agent only
 }
@@ -150,7 +150,7 @@ func (n *nodeFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&n.relay, "relay", false, "relay traffic between nodes that cannot reach each other (servers always do)")
 	n.vpn.register(fs)
 	fs.BoolVar(&n.withNodeID, "with-node-id", false, "append a random id, kept in the data dir, to the node name (for machines that share a host name)")
-	registerMetricsFlag(fs, &n.metricsAddr)
+	n.ops.register(fs)
 	fs.BoolVar(&n.cleanup, "cleanup", false, "do not run: remove what this node's agent created (WireGuard interface, routes, pod bridge, CNI config, VPN routes) and exit; stop the service first")
 }
 
@@ -193,6 +193,9 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 func (n *nodeFlags) agentConfig(log *slog.Logger) (agent.Config, error) {
 	var c agent.Config
 	var err error
+	if n.ops.pprof && n.ops.metricsAddr == "" {
+		return c, errPprofNeedsMetrics
+	}
 	if n.nodeName == "" {
 		if n.nodeName, err = os.Hostname(); err != nil {
 			return c, fmt.Errorf("no --node-name and no host name: %w", err)
@@ -326,12 +329,12 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	}
 	defer srv.Close()
 	agentMetrics := processRegistry()
-	stopMetrics, err := startMetrics(ctx, n.metricsAddr, log, agentMetrics, srv.Metrics())
+	stopMetrics, err := startMetrics(ctx, n.ops, log, agentMetrics, srv.Metrics())
 	if err != nil {
 		return err
 	}
 	defer stopMetrics()
-	if n.metricsAddr != "" {
+	if n.ops.metricsAddr != "" {
 		ac.Metrics = agentMetrics
 	}
 	if sf.disableAgent {
@@ -386,13 +389,13 @@ func runAgent(ctx context.Context, args []string, stderr io.Writer, getenv func(
 		return err
 	}
 	ac.ServerURL = strings.TrimSuffix(*n.serverURL, "/")
-	if n.metricsAddr != "" {
-		reg := processRegistry()
-		stopMetrics, err := startMetrics(ctx, n.metricsAddr, log, reg)
-		if err != nil {
-			return err
-		}
-		defer stopMetrics()
+	reg := processRegistry()
+	stopMetrics, err := startMetrics(ctx, n.ops, log, reg)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	if n.ops.metricsAddr != "" {
 		ac.Metrics = reg
 	}
 	ac.Reload = watchReload(ctx, log, rereadExternalIPs(build, args, getenv))

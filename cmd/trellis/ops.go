@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"time"
 
@@ -141,16 +142,29 @@ func runLocalStatus(ctx context.Context, stdout io.Writer, port int, output stri
 	return cli.PrintStatus(stdout, st, output, time.Now())
 }
 
-// metricsFlag is --metrics-address, shared by server and agent.
-func registerMetricsFlag(fs *flag.FlagSet, p *string) {
-	fs.StringVar(p, "metrics-address", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:10252; off by default; a non-loopback address exposes the cluster's topology to whoever reaches it)")
+var errPprofNeedsMetrics = errors.New("--enable-pprof serves the profiles on the metrics endpoint: set --metrics-address too (e.g. 127.0.0.1:10252)")
+
+// opsFlags are --metrics-address and --enable-pprof, shared by server
+// and agent.
+type opsFlags struct {
+	metricsAddr string
+	pprof       bool
 }
 
-// startMetrics serves gatherers at http://addr/metrics until ctx ends; the
-// returned function stops the server and waits for it. An empty addr
-// serves nothing.
-func startMetrics(ctx context.Context, addr string, log *slog.Logger, gatherers ...prometheus.Gatherer) (stop func(), err error) {
+func (o *opsFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.metricsAddr, "metrics-address", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:10252; off by default; a non-loopback address exposes the cluster's topology to whoever reaches it)")
+	fs.BoolVar(&o.pprof, "enable-pprof", false, "also serve Go profiles at http://<metrics-address>/debug/pprof/ (needs --metrics-address)")
+}
+
+// startMetrics serves gatherers at http://addr/metrics (and with pprof the
+// Go profiles at /debug/pprof/) until ctx ends; the returned function stops
+// the server and waits for it. An empty addr serves nothing.
+func startMetrics(ctx context.Context, o opsFlags, log *slog.Logger, gatherers ...prometheus.Gatherer) (stop func(), err error) {
+	addr := o.metricsAddr
 	if addr == "" {
+		if o.pprof {
+			return nil, errPprofNeedsMetrics
+		}
 		return func() {}, nil
 	}
 	host, _, err := net.SplitHostPort(addr)
@@ -166,6 +180,14 @@ func startMetrics(ctx context.Context, addr string, log *slog.Logger, gatherers 
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(prometheus.Gatherers(gatherers), promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
+	if o.pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		log.Info("serving Go profiles", "url", "http://"+ln.Addr().String()+"/debug/pprof/")
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	done := make(chan struct{})
 	go func() {
