@@ -41,7 +41,7 @@ fi
 
 export TRELLIS_BENCH=1 TRELLIS_BENCH_OUT="$OUT" TRELLIS_E2E_BINARY="$PWD/bin/trellis"
 if want dataplane; then
-	step "data plane: raw veth, wireguard-go daemon, Trellis (iperf3, ping) -> $OUT/dataplane.md"
+	step "data plane: raw veth, wireguard-go daemon (node and pod to pod), Trellis (node and pod to pod), 5 rounds (iperf3, ping, CPU per GB) -> $OUT/dataplane.md"
 	go test -tags e2e -count=1 -timeout 20m -run '^TestBenchDataPlane$' -v ./e2e 2>&1 | grep -E '^\s*(bench_test.go|reference daemon|---|ok|FAIL|PASS)' || true
 	cat "$OUT/dataplane.md"
 fi
