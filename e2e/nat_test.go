@@ -123,6 +123,19 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 	}
 	c.waitNodes(all...)
 
+	t.Run("0-homes-through-a-relay", func(t *testing.T) {
+		// The symmetric NAT defeats hole punching: the first packet between
+		// the homes waits for the agents to judge the direct path failing
+		// (handshakeGrace) and the server to relay the pair.
+		timeUntil(t, 90*time.Second, "home1 ↔ home2 pods", func() error {
+			if err := home1.pod.Ping(home2.pod.IP); err != nil {
+				return err
+			}
+			return home2.pod.Ping(home1.pod.IP)
+		})
+		t.Logf("measured: two homes behind NAT (one symmetric; direct fails, relayed) → first packet %.2fs after the later of them started", time.Since(home2.proc.StartedAt()).Seconds())
+	})
+
 	t.Run("1-every-pod-reaches-every-pod", func(t *testing.T) {
 		c.checkPods("homes behind NAT and clouds", all, all, 90*time.Second)
 	})

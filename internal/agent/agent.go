@@ -64,6 +64,9 @@ type peerState struct {
 	since time.Time
 	// desired is the endpoint the last netmap gave.
 	desired netip.AddrPort
+	// handshake is the state last reported to the server (api.Handshake*
+	// or ""), so that a change is logged once.
+	handshake string
 }
 
 // Run joins the cluster and keeps the node's data plane in step with its

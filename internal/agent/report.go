@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/mesh"
 )
 
 const (
@@ -25,7 +26,7 @@ const (
 	// needs a relay would get its first packet 10 s sooner), once the
 	// netmap stops giving every node the LAN address a same-network peer
 	// observed for a node behind NAT (docs/bench/join.md).
-	handshakeGrace = 16 * time.Second
+	handshakeGrace = 6 * time.Second
 	// handshakeValid is how old the last handshake may be while the
 	// session is alive: WireGuard rekeys after 120 s and rejects sessions
 	// older than 180 s.
@@ -89,6 +90,14 @@ func (a *Agent) observations(now time.Time) []api.Observation {
 		return nil
 	}
 	a.rememberWorking(st, now)
+	return a.observe(st, now)
+}
+
+// observe judges each peer's direct path from the device's status: a
+// fresh handshake is OK; none within handshakeGrace of the peer's arrival,
+// with an endpoint to try, is failing. A change to or from failing is
+// logged once.
+func (a *Agent) observe(st []mesh.PeerStatus, now time.Time) []api.Observation {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]api.Observation, 0, len(st))
@@ -104,6 +113,17 @@ func (a *Agent) observations(now time.Time) []api.Observation {
 		case now.Sub(ps.since) > handshakeGrace && (p.Endpoint.IsValid() || ps.desired.IsValid()):
 			o.Handshake = api.HandshakeFailing
 		}
+		switch {
+		case o.Handshake == api.HandshakeFailing && ps.handshake != api.HandshakeFailing:
+			ep := p.Endpoint
+			if !ep.IsValid() {
+				ep = ps.desired
+			}
+			a.log.Info("no WireGuard handshake with a peer on its direct path; telling the server, which relays the pair through a node that reaches both", "peer", ps.name, "endpoint", ep, "waited", now.Sub(ps.since).Round(time.Second))
+		case o.Handshake == api.HandshakeOK && ps.handshake == api.HandshakeFailing:
+			a.log.Info("the direct WireGuard path to a peer works again; telling the server", "peer", ps.name, "endpoint", p.Endpoint)
+		}
+		ps.handshake = o.Handshake
 		out = append(out, o)
 	}
 	slices.SortFunc(out, func(x, y api.Observation) int { return strings.Compare(x.Peer, y.Peer) })
