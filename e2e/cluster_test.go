@@ -475,8 +475,20 @@ func TestMulticloudMesh(t *testing.T) {
 		for end := time.Now().Add(downFor); time.Now().Before(end); {
 			c.checkPods("while the server is down", agents, agents, time.Second)
 		}
+		offsets := map[*member]int64{agent2: agent2.proc.LogSize(), agent3: agent3.proc.LogSize()}
 		if err := server.proc.Restart(); err != nil {
 			t.Errorf("restart server: %v", err)
+		}
+		// Nothing changed while the server was down: the agents resume
+		// their netmap streams with an empty delta, not the whole map.
+		for m, off := range offsets {
+			if _, err := waitLogLine(m.proc, off, joinTimeout, "netmap stream connected"); err != nil {
+				t.Errorf("%s did not reconnect its netmap stream: %v", m.Name, err)
+				continue
+			}
+			if lines, _ := m.proc.LogLinesSince(off, "netmap stream connected"); !strings.Contains(strings.Join(lines, "\n"), "resumed=true") {
+				t.Errorf("%s did not resume its netmap stream after the server restart: %q", m.Name, lines)
+			}
 		}
 		if failed := c.firstPackets("server restart", []*member{server}, three); len(failed) > 0 {
 			t.Errorf("after restarting the server, its pod does not reach the others within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))

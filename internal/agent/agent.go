@@ -342,6 +342,7 @@ func (a *Agent) setupDataPlane() error {
 func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 	wl := &waitLog{log: a.log, what: "the netmap stream from " + a.cfg.ServerURL}
 	connected := false
+	var last *api.NetMap // as the server sent it, for the next stream to resume from
 	for n := 0; ; {
 		sctx, cancel := context.WithCancel(ctx)
 		go func() {
@@ -351,13 +352,16 @@ func (a *Agent) follow(ctx context.Context, c *apiClient) error {
 			case <-sctx.Done():
 			}
 		}()
-		err := c.streamNetmaps(sctx, func(nm api.NetMap) {
+		err := c.streamNetmaps(sctx, last, func(nm api.NetMap, delta bool) {
+			last = &nm
 			if !connected {
 				connected, n = true, 0
 				// A new stream, maybe from another server or a restored
 				// datastore whose revisions restart lower: take its maps.
 				a.lastVersion = 0
-				a.log.Info("netmap stream connected", "server", c.base)
+				// resumed: the server found the netmap unchanged and
+				// sent a delta to it instead of the whole netmap.
+				a.log.Info("netmap stream connected", "server", c.base, "resumed", delta)
 			}
 			a.servers.update(c.base, nm.ServerName, nm.Servers)
 			a.apply(nm)

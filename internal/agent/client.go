@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
@@ -144,11 +145,22 @@ const streamIdle = 45 * time.Second
 
 // streamNetmaps reads netmaps until ctx ends or the stream fails, calling
 // fn for each one. It asks for deltas and applies them to the last
-// netmap: fn always gets a whole one.
-func (c *apiClient) streamNetmaps(parent context.Context, fn func(api.NetMap)) error {
+// netmap: fn always gets a whole one, and whether it came as a delta.
+// With last (the netmap an earlier stream ended with) the server may start
+// from it instead of sending the whole netmap again (api.NetmapHaveParam).
+func (c *apiClient) streamNetmaps(parent context.Context, last *api.NetMap, fn func(nm api.NetMap, delta bool)) error {
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.PathNetmap+"?"+api.NetmapDeltasParam+"=1", nil)
+	var nm api.NetMap
+	have := false
+	q := url.Values{api.NetmapDeltasParam: {"1"}}
+	if last != nil {
+		if d, err := last.Digest(); err == nil {
+			q.Set(api.NetmapHaveParam, api.FormatHave(last.Version, d))
+			nm, have = *last, true
+		}
+	}
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.PathNetmap+"?"+q.Encode(), nil)
 	if err != nil {
 		return err
 	}
@@ -164,8 +176,6 @@ func (c *apiClient) streamNetmaps(parent context.Context, fn func(api.NetMap)) e
 	defer idle.Stop()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
-	var nm api.NetMap
-	have := false
 	for sc.Scan() {
 		idle.Reset(streamIdle)
 		line := bytes.TrimSpace(sc.Bytes())
@@ -186,7 +196,7 @@ func (c *apiClient) streamNetmaps(parent context.Context, fn func(api.NetMap)) e
 				return err // a lost line: reconnect for a whole netmap
 			}
 		}
-		fn(nm)
+		fn(nm, l.Delta != nil)
 	}
 	switch {
 	case parent.Err() != nil:

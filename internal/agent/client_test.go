@@ -30,7 +30,7 @@ func TestStreamNetmapsAppliesDeltas(t *testing.T) {
 	defer srv.Close()
 	c := &apiClient{base: srv.URL, http: srv.Client()}
 	var got []string
-	err := c.streamNetmaps(context.Background(), func(nm api.NetMap) {
+	err := c.streamNetmaps(context.Background(), nil, func(nm api.NetMap, _ bool) {
 		var names []string
 		for _, p := range nm.Peers {
 			names = append(names, p.Name)
@@ -45,5 +45,36 @@ func TestStreamNetmapsAppliesDeltas(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "does not apply to version 4") {
 		t.Errorf("err = %v, want the gap named", err)
+	}
+}
+
+// TestStreamNetmapsResumes: given the netmap a stream ended with, the
+// agent tells the server (version and digest) and applies a first line
+// that is a delta to it.
+func TestStreamNetmapsResumes(t *testing.T) {
+	last := api.NetMap{Version: 7, Self: api.Node{Name: "me"}, Peers: []api.Peer{{Name: "b"}}}
+	digest, err := last.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var have string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		have = r.URL.Query().Get(api.NetmapHaveParam)
+		_, _ = io.WriteString(w, `{"delta":{"version":9,"base":7,"serverName":"s2"}}`+"\n")
+	}))
+	defer srv.Close()
+	c := &apiClient{base: srv.URL, http: srv.Client()}
+	var got []api.NetMap
+	_ = c.streamNetmaps(context.Background(), &last, func(nm api.NetMap, delta bool) {
+		if !delta {
+			t.Error("a delta line reported as a whole netmap")
+		}
+		got = append(got, nm)
+	})
+	if v, d, err := api.ParseHave(have); err != nil || v != 7 || d != digest {
+		t.Errorf("have=%q (%v), want version 7 and the netmap's digest", have, err)
+	}
+	if len(got) != 1 || got[0].Version != 9 || got[0].ServerName != "s2" || len(got[0].Peers) != 1 || got[0].Peers[0].Name != "b" {
+		t.Errorf("netmaps = %+v, want the last one moved to version 9", got)
 	}
 }

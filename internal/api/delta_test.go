@@ -107,3 +107,50 @@ func FuzzNetMapApply(f *testing.F) {
 		}
 	})
 }
+
+func TestHaveRoundTrip(t *testing.T) {
+	nm := NetMap{Version: 12, Self: Node{Name: "a"}, Peers: []Peer{{Name: "b"}}}
+	d, err := nm.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, got, err := ParseHave(FormatHave(nm.Version, d))
+	if err != nil || v != 12 || got != d {
+		t.Fatalf("ParseHave(FormatHave) = %d, %x, %v", v, got, err)
+	}
+	// The digest sees content, not the version or the server list.
+	nm2 := nm
+	nm2.Version, nm2.Servers, nm2.ServerName = 99, []Server{{Name: "s"}}, "s"
+	if d2, _ := nm2.Digest(); d2 != d {
+		t.Error("the digest depends on the version or the servers")
+	}
+	nm2.Peers = []Peer{{Name: "c"}}
+	if d2, _ := nm2.Digest(); d2 == d {
+		t.Error("the digest does not see the peers")
+	}
+	for _, bad := range []string{"", "12", "12.", "x.00", "-1." + strings.Repeat("0", 64), "1." + strings.Repeat("0", 63), "1." + strings.Repeat("g", 64)} {
+		if _, _, err := ParseHave(bad); err == nil || !strings.Contains(err.Error(), NetmapHaveParam) {
+			t.Errorf("ParseHave(%q) = %v, want an error naming the parameter", bad, err)
+		}
+	}
+}
+
+func FuzzParseHave(f *testing.F) {
+	f.Add("12." + strings.Repeat("ab", 32))
+	f.Add("0." + strings.Repeat("0", 64))
+	f.Add("x")
+	f.Add("9223372036854775808." + strings.Repeat("0", 64))
+	f.Fuzz(func(t *testing.T, s string) {
+		v, d, err := ParseHave(s)
+		if err != nil {
+			return
+		}
+		if v < 0 {
+			t.Fatalf("negative version %d from %q", v, s)
+		}
+		v2, d2, err := ParseHave(FormatHave(v, d))
+		if err != nil || v2 != v || d2 != d {
+			t.Fatalf("round trip of %q: %d %x %v", s, v2, d2, err)
+		}
+	})
+}

@@ -5,13 +5,19 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/trellis-mesh/trellis/internal/api"
 )
@@ -196,4 +202,128 @@ func TestNetmapDeltas(t *testing.T) {
 		t.Fatal("no delta was sent")
 	}
 	t.Logf("%d deltas, %d bytes; final netmap version %d", deltas.Load(), deltaBytes.Load(), nm.Version)
+}
+
+// firstLine opens j's netmap stream asking for deltas, resuming from last
+// when it is given (the have parameter, raw when have is set), and
+// returns its first line, the line's length and the netmap it makes of
+// last.
+func (ts *testServer) firstLine(t *testing.T, j *joined, last *api.NetMap, have string) (api.NetMapLine, int, api.NetMap) {
+	t.Helper()
+	q := url.Values{api.NetmapDeltasParam: {"1"}}
+	if last != nil {
+		d, err := last.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		q.Set(api.NetmapHaveParam, api.FormatHave(last.Version, d))
+	}
+	if have != "" {
+		q.Set(api.NetmapHaveParam, have)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap+"?"+q.Encode(), nil)
+	c := ts.client(t, &j.cert)
+	c.Timeout = 0
+	resp, err := c.Do(hr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("netmap stream: %d", resp.StatusCode)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var l api.NetMapLine
+		if err := json.Unmarshal(line, &l); err != nil {
+			t.Fatalf("undecodable line %q: %v", line, err)
+		}
+		if l.Delta == nil {
+			return l, len(line), l.NetMap
+		}
+		if last == nil {
+			t.Fatalf("a delta first without a netmap to resume: %s", line)
+		}
+		nm, err := last.Apply(*l.Delta)
+		if err != nil {
+			t.Fatalf("first delta: %v", err)
+		}
+		return l, len(line), nm
+	}
+	t.Fatalf("stream ended: %v", sc.Err())
+	return api.NetMapLine{}, 0, api.NetMap{}
+}
+
+// TestNetmapStreamResumes: an agent that reconnects with the netmap it
+// has gets an empty delta when nothing changed, after a server restart
+// too, and the whole netmap when something did or when it says nonsense.
+func TestNetmapStreamResumes(t *testing.T) {
+	dir := t.TempDir()
+	ts := startServer(t, dir, nil)
+	a := mustJoin(t, ts, joinReq("a", 1, pwA))
+	var bs []*joined
+	for i := range 15 { // the server admits 20 joins a minute from one address
+		bs = append(bs, mustJoin(t, ts, joinReq(fmt.Sprintf("b%02d", i), byte(2+i), pwA)))
+	}
+	ch, _, _ := ts.deltaStream(t, a)
+	nm := waitFor(t, ch, "15 peers", func(nm api.NetMap) bool { return len(nm.Peers) == 15 })
+
+	l, wholeLen, _ := ts.firstLine(t, a, nil, "")
+	if l.Delta != nil {
+		t.Fatal("a stream without have began with a delta")
+	}
+	l, n, got := ts.firstLine(t, a, &nm, "")
+	if l.Delta == nil || l.Delta.Base != nm.Version || len(l.Delta.PeersChanged)+len(l.Delta.PeersRemoved) != 0 || l.Delta.Self != nil {
+		t.Fatalf("resume with nothing changed: first line %+v, want an empty delta from version %d", l, nm.Version)
+	}
+	if !reflect.DeepEqual(got.Peers, nm.Peers) || got.ServerName != "srv" {
+		t.Fatalf("resumed netmap differs: %+v", got)
+	}
+	if n*10 > wholeLen {
+		t.Errorf("resuming took %d bytes; the whole netmap %d", n, wholeLen)
+	}
+	t.Logf("first line: whole netmap of 15 peers %d bytes, resumed %d bytes", wholeLen, n)
+
+	// Something changed since: the whole netmap.
+	ts.report(t, bs[3], api.Report{ExternalIPs: []netip.Addr{netip.MustParseAddr("198.51.100.3")}})
+	moved := waitFor(t, ch, "b03's address", func(nm api.NetMap) bool { return nm.Peers[3].Endpoint.Addr().String() == "198.51.100.3" })
+	if l, _, got := ts.firstLine(t, a, &nm, ""); l.Delta != nil || !reflect.DeepEqual(got.Peers, moved.Peers) {
+		t.Fatalf("resume after a change: %+v, want the whole new netmap", l)
+	}
+	// Nonsense: the whole netmap, the stream works.
+	for _, have := range []string{"x", "1.zz", "-1." + strings.Repeat("0", 64), fmt.Sprint(moved.Version+1) + "." + strings.Repeat("0", 64)} {
+		if l, _, _ := ts.firstLine(t, a, nil, have); l.Delta != nil || len(l.Peers) != 15 {
+			t.Fatalf("have=%s: %+v, want the whole netmap", have, l)
+		}
+	}
+	// A netmap from a later version than the server's (another server
+	// ahead, a restored datastore): whole, deltas only go forward.
+	ahead := moved
+	ahead.Version += 1000
+	if l, _, _ := ts.firstLine(t, a, &ahead, ""); l.Delta != nil {
+		t.Fatalf("resume from a later version: %+v, want the whole netmap", l)
+	}
+
+	// The server restarts on the same address: the agent's netmap is still
+	// current.
+	addr := ts.URL()
+	ts.Close()
+	ln, err := net.Listen("tcp", strings.TrimPrefix(addr, "https://"))
+	if err != nil {
+		t.Skipf("cannot listen on %s again: %v", addr, err)
+	}
+	ts = startServer(t, dir, func(c *Config) { c.Listener = ln })
+	if l, _, got := ts.firstLine(t, a, &moved, ""); l.Delta == nil || !reflect.DeepEqual(got.Peers, moved.Peers) {
+		t.Fatalf("resume after a restart: %+v, want an empty delta", l)
+	}
+	if n := testutil.ToFloat64(ts.metrics.streams.WithLabelValues("resumed")); n != 1 {
+		t.Errorf("resumed streams counted %v, want 1", n)
+	}
 }

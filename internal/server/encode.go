@@ -12,28 +12,41 @@ import (
 	"github.com/trellis-mesh/trellis/internal/api"
 )
 
-// encodeNetMap encodes nm once for both the line and its digest: the
-// digest identifies the content apart from the version, so that a stream
-// keeps 32 bytes, not the map (N maps of N peers would be O(N²) memory).
-// The peers, most of a netmap's bytes, are written by appendPeer, about
-// three times faster than encoding/json and byte for byte the same.
+// netmapDigests identify a netmap's content apart from its version, so
+// that a stream keeps 32 bytes, not the map (N maps of N peers would be
+// O(N²) memory).
+type netmapDigests struct {
+	// whole covers everything after the version: a stream of whole
+	// netmaps skips a map whose digest it sent last.
+	whole [sha256.Size]byte
+	// content covers self, the cluster CIDRs and the peers, not the
+	// server list that every delta carries anyway: api.NetMap.Digest, the
+	// digest an agent resuming its stream on any server sends.
+	content [sha256.Size]byte
+}
+
+// encodeNetMap encodes nm once for both the line and its digests. The
+// peers, most of a netmap's bytes, are written by appendPeer, about three
+// times faster than encoding/json and byte for byte the same.
 //
-// Without withDigest the digest is left zero (a stream of deltas needs
-// none).
-func encodeNetMap(nm api.NetMap, withDigest bool) ([]byte, [sha256.Size]byte, error) {
+// Without withDigests the digests are left zero (a stream of deltas that
+// does not resume needs none).
+func encodeNetMap(nm api.NetMap, withDigests bool) ([]byte, netmapDigests, error) {
+	var ds netmapDigests
 	version, peers := nm.Version, nm.Peers
 	nm.Version, nm.Peers = 0, []api.Peer{}
 	frame, err := json.Marshal(nm)
 	if err != nil {
-		return nil, [sha256.Size]byte{}, err
+		return nil, ds, err
 	}
 	const zero, slot = `{"version":0,`, `"peers":[]`
 	i := bytes.Index(frame, []byte(slot))
 	if !bytes.HasPrefix(frame, []byte(zero)) || i < 0 {
-		return nil, [sha256.Size]byte{}, errors.New("netmap encoding does not start with its version or has no peers")
+		return nil, ds, errors.New("netmap encoding does not start with its version or has no peers")
 	}
 	line := make([]byte, 0, len(frame)+len(peers)*200+24)
 	line = fmt.Appendf(line, `{"version":%d,`, version)
+	afterVersion := len(line) - 1 // the comma
 	line = append(line, frame[len(zero):i+len(slot)-1]...)
 	for k, p := range peers {
 		if k > 0 {
@@ -41,13 +54,13 @@ func encodeNetMap(nm api.NetMap, withDigest bool) ([]byte, [sha256.Size]byte, er
 		}
 		line = appendPeer(line, p)
 	}
+	peersEnd := len(line) + 1 // after the list's ']'
 	line = append(line, frame[i+len(slot)-1:]...)
-	var digest [sha256.Size]byte
-	if withDigest {
-		// The digest covers everything after the version.
-		digest = sha256.Sum256(line[bytes.IndexByte(line, ','):])
+	if withDigests {
+		ds.whole = sha256.Sum256(line[afterVersion:])
+		ds.content = sha256.Sum256(line[afterVersion:peersEnd])
 	}
-	return append(line, '\n'), digest, nil
+	return append(line, '\n'), ds, nil
 }
 
 // appendPeer appends p as encoding/json would encode it.

@@ -26,7 +26,7 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 		Servers:    []api.Server{{Name: "s1", URL: "https://198.51.100.1:6443"}, {Name: "s2", URL: "https://198.51.100.2:6443"}},
 		ServerName: "s1",
 	}
-	line, digest, err := encodeNetMap(nm, true)
+	line, ds, err := encodeNetMap(nm, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,18 +34,34 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 	if !bytes.Equal(line, append(want, '\n')) {
 		t.Fatalf("encoding differs:\n got %s\nwant %s", line, want)
 	}
+	// The agent's digest of the netmap it decoded is the server's content
+	// digest: a resumed stream relies on it.
+	var got api.NetMap
+	if err := json.Unmarshal(line, &got); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := got.Digest(); err != nil || d != ds.content {
+		t.Errorf("agent's digest %x (%v), server's content digest %x", d, err, ds.content)
+	}
 	nm.Version = 43
-	if _, d, _ := encodeNetMap(nm, true); d != digest {
-		t.Error("the digest depends on the version")
+	if _, d, _ := encodeNetMap(nm, true); d != ds {
+		t.Error("the digests depend on the version")
+	}
+	nm.Servers, nm.ServerName = nm.Servers[1:], "s2"
+	if _, d, _ := encodeNetMap(nm, true); d.content != ds.content || d.whole == ds.whole {
+		t.Error("the whole digest must see the server list, the content digest must not")
 	}
 	nm.Peers[0].Endpoint = netip.MustParseAddrPort("203.0.113.9:51820")
-	if _, d, _ := encodeNetMap(nm, true); d == digest {
-		t.Error("the digest does not see a new endpoint")
+	if _, d, _ := encodeNetMap(nm, true); d.content == ds.content || d.whole == ds.whole {
+		t.Error("the digests do not see a new endpoint")
 	}
-	nm.Peers = nil
-	line, _, _ = encodeNetMap(nm, true)
+	nm.Peers, nm.Servers, nm.ServerName = nil, nil, ""
+	line, ds, _ = encodeNetMap(nm, true)
 	if !bytes.Contains(line, []byte(`"peers":[]`)) {
 		t.Errorf("no peers: %s", line)
+	}
+	if d, err := nm.Digest(); err != nil || d != ds.content {
+		t.Errorf("no peers, no servers: agent's digest %x (%v), server's %x", d, err, ds.content)
 	}
 }
 

@@ -309,6 +309,16 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request) {
 		s: s, name: name, w: w, rc: rc, enc: json.NewEncoder(w),
 		deltas: r.URL.Query().Get(api.NetmapDeltasParam) == "1",
 	}
+	if have := r.URL.Query().Get(api.NetmapHaveParam); have != "" && st.deltas {
+		v, d, err := api.ParseHave(have)
+		if err != nil {
+			// The header is written: say it in the stream's terms, a
+			// whole netmap, and log what was wrong.
+			s.log.Warn("ignoring a malformed netmap resume; sending the whole netmap", "node", name, "err", err)
+		} else {
+			st.have, st.haveVersion, st.haveDigest = true, v, d
+		}
+	}
 	ka := time.NewTicker(streamKeepalive)
 	defer ka.Stop()
 	// The hub may not have seen a node that just joined: wait for it a
@@ -364,8 +374,14 @@ type netmapStream struct {
 	enc    *json.Encoder
 	deltas bool
 
+	// have: the agent said it has the netmap of haveVersion whose
+	// content has haveDigest (api.NetmapHaveParam).
+	have        bool
+	haveVersion int64
+	haveDigest  [sha256.Size]byte
+
 	sent    bool
-	digest  [sha256.Size]byte // whole netmaps: of the last one sent
+	digest  [sha256.Size]byte // whole netmaps: of the last one sent (netmapDigests.whole)
 	view    *netmap.View      // deltas: the view of the last line sent
 	seq     int64             // deltas: its publication
 	version int64             // deltas: its version
@@ -378,17 +394,31 @@ func (st *netmapStream) send(ctx context.Context, p snap) error {
 	s := st.s
 	servers := s.hub.serverList()
 	if !st.deltas || !st.sent {
-		nm, line, digest, err := st.whole(ctx, p, servers)
+		nm, line, ds, err := st.whole(ctx, p, servers)
 		if err != nil {
 			return err
 		}
-		if st.sent && digest == st.digest {
+		if st.sent && ds.whole == st.digest {
 			return nil
+		}
+		if !st.sent {
+			first := "whole"
+			if st.deltas && st.have && ds.content == st.haveDigest && p.version >= st.haveVersion {
+				// The agent has this netmap already: move it to this
+				// version with an empty delta. (A server behind the
+				// agent's version sends it whole: deltas go forward.)
+				d := api.NetMapDelta{Version: p.version, Base: st.haveVersion, Servers: servers, ServerName: s.cfg.NodeName}
+				if line, err = json.Marshal(api.NetMapLine{Delta: &d}); err != nil {
+					return err
+				}
+				line, first = append(line, '\n'), "resumed"
+			}
+			s.metrics.streams.WithLabelValues(first).Inc()
 		}
 		if err := st.write(func() error { _, err := st.w.Write(line); return err }); err != nil {
 			return err
 		}
-		st.sent, st.digest = true, digest
+		st.sent, st.digest = true, ds.whole
 		st.view, st.seq, st.version, st.vias, st.servers = p.view, p.seq, p.version, netmap.Vias(nm.Peers), servers
 		return nil
 	}
@@ -401,8 +431,13 @@ func (st *netmapStream) send(ctx context.Context, p snap) error {
 		Servers: servers, ServerName: s.cfg.NodeName,
 	}
 	if changes.All || changes.Maps[st.name] {
-		if before, after := st.view.Node(st.name), p.view.Node(st.name); !sameNode(before, after) {
-			d.Self = after
+		if before, after := st.view.Node(st.name), p.view.Node(st.name); after != nil {
+			self := asSelf(after)
+			if before == nil {
+				d.Self = &self
+			} else if was := asSelf(before); !sameNode(&was, &self) {
+				d.Self = &self
+			}
 		}
 	}
 	st.view, st.seq, st.vias = p.view, p.seq, vias
@@ -421,18 +456,18 @@ func (st *netmapStream) send(ctx context.Context, p snap) error {
 // once, so N agents connecting together (a server restart) do not hold N
 // of them in memory. The line is written after, so a slow reader does not
 // hold up the others.
-func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server) (api.NetMap, []byte, [sha256.Size]byte, error) {
+func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server) (api.NetMap, []byte, netmapDigests, error) {
 	s := st.s
 	select {
 	case s.fullMaps <- struct{}{}:
 	case <-ctx.Done():
-		return api.NetMap{}, nil, [sha256.Size]byte{}, ctx.Err()
+		return api.NetMap{}, nil, netmapDigests{}, ctx.Err()
 	}
 	defer func() { <-s.fullMaps }()
 	nm, _ := s.hub.netmapFor(st.name, p)
 	nm.Servers, nm.ServerName = servers, s.cfg.NodeName
-	line, digest, err := encodeNetMap(nm, !st.deltas)
-	return nm, line, digest, err
+	line, ds, err := encodeNetMap(nm, !st.deltas || st.have)
+	return nm, line, ds, err
 }
 
 // write writes one line with a deadline and flushes it.

@@ -212,10 +212,20 @@ func (h *hub) netmapFor(self string, p snap) (api.NetMap, bool) {
 	}
 	return api.NetMap{
 		Version:      p.version,
-		Self:         p.nodes[i],
+		Self:         asSelf(&p.nodes[i]),
 		ClusterCIDRs: h.policy.ClusterCIDRs,
 		Peers:        peers,
 	}, true
+}
+
+// asSelf is n as its own netmap shows it: Ready, since the node reads its
+// netmap. (The record's Ready is as of its last publication, which a
+// plain node's readiness does not cause, so it would differ between
+// servers and across restarts and defeat resumed streams.)
+func asSelf(n *api.Node) api.Node {
+	self := *n
+	self.Ready = true
+	return self
 }
 
 // connected marks a netmap stream of name as open; the returned function

@@ -21,6 +21,9 @@ type serverMetrics struct {
 	reg   *prometheus.Registry
 	join  *prometheus.HistogramVec
 	store *prometheus.HistogramVec
+	// streams counts netmap streams by their first line: the whole
+	// netmap, or an empty delta to an agent that had it (resumed).
+	streams *prometheus.CounterVec
 }
 
 var (
@@ -47,8 +50,14 @@ func newServerMetrics(s *Server) *serverMetrics {
 			Help:    "Latency of datastore operations, by operation and outcome.",
 			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 16),
 		}, []string{"op", "result"}),
+		streams: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trellis_server_netmap_streams_total",
+			Help: "Netmap streams started, by their first line: whole (the whole netmap) or resumed (the agent had it already).",
+		}, []string{"first"}),
 	}
-	m.reg.MustRegister(m.join, m.store, m)
+	m.reg.MustRegister(m.join, m.store, m.streams, m)
+	m.streams.WithLabelValues("whole")
+	m.streams.WithLabelValues("resumed")
 	for _, op := range storeLatencyOpsKV {
 		m.store.WithLabelValues(op, "ok") // present from the start
 	}
