@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -22,13 +24,10 @@ import (
 	"github.com/trellis-mesh/trellis/internal/api"
 )
 
-// deltaStream opens j's netmap stream asking for deltas and returns the
-// netmaps an agent rebuilds from it, and counters of the lines read.
-func (ts *testServer) deltaStream(t *testing.T, j *joined) (<-chan api.NetMap, *atomic.Int64, *atomic.Int64) {
+// openNetmap opens j's netmap stream with query q until ctx ends.
+func (ts *testServer) openNetmap(ctx context.Context, t *testing.T, j *joined, q url.Values) *http.Response {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap+"?"+api.NetmapDeltasParam+"=1", nil)
+	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap+"?"+q.Encode(), nil)
 	c := ts.client(t, &j.cert)
 	c.Timeout = 0
 	resp, err := c.Do(hr)
@@ -36,8 +35,39 @@ func (ts *testServer) deltaStream(t *testing.T, j *joined) (<-chan api.NetMap, *
 		t.Fatal(err)
 	}
 	if resp.StatusCode != 200 {
-		t.Fatalf("delta stream: %d", resp.StatusCode)
+		resp.Body.Close()
+		t.Fatalf("netmap stream (%s): %d", q.Encode(), resp.StatusCode)
 	}
+	return resp
+}
+
+// nextLine reads the stream's next line that is not a keepalive and
+// decodes it; io.EOF (or the scanner's error) when the stream ends.
+func nextLine(sc *bufio.Scanner) (api.NetMapLine, []byte, error) {
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var l api.NetMapLine
+		if err := json.Unmarshal(line, &l); err != nil {
+			return l, line, fmt.Errorf("undecodable line %q: %w", line, err)
+		}
+		return l, line, nil
+	}
+	if sc.Err() != nil {
+		return api.NetMapLine{}, nil, sc.Err()
+	}
+	return api.NetMapLine{}, nil, io.EOF
+}
+
+// deltaStream opens j's netmap stream asking for deltas and returns the
+// netmaps an agent rebuilds from it, and counters of the lines read.
+func (ts *testServer) deltaStream(t *testing.T, j *joined) (<-chan api.NetMap, *atomic.Int64, *atomic.Int64) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	resp := ts.openNetmap(ctx, t, j, url.Values{api.NetmapDeltasParam: {"1"}})
 	var deltas, bytesRead atomic.Int64
 	ch := make(chan api.NetMap, 64)
 	go func() {
@@ -47,14 +77,12 @@ func (ts *testServer) deltaStream(t *testing.T, j *joined) (<-chan api.NetMap, *
 		sc.Buffer(nil, 1<<20)
 		var nm api.NetMap
 		first := true
-		for sc.Scan() {
-			line := bytes.TrimSpace(sc.Bytes())
-			if len(line) == 0 {
-				continue
-			}
-			var l api.NetMapLine
-			if err := json.Unmarshal(line, &l); err != nil {
-				t.Errorf("undecodable line %q: %v", line, err)
+		for {
+			l, line, err := nextLine(sc)
+			if err != nil {
+				if !errors.Is(err, io.EOF) && ctx.Err() == nil {
+					t.Errorf("delta stream: %v", err)
+				}
 				return
 			}
 			switch {
@@ -223,42 +251,25 @@ func (ts *testServer) firstLine(t *testing.T, j *joined, last *api.NetMap, have 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap+"?"+q.Encode(), nil)
-	c := ts.client(t, &j.cert)
-	c.Timeout = 0
-	resp, err := c.Do(hr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := ts.openNetmap(ctx, t, j, q)
 	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("netmap stream: %d", resp.StatusCode)
-	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := bytes.TrimSpace(sc.Bytes())
-		if len(line) == 0 {
-			continue
-		}
-		var l api.NetMapLine
-		if err := json.Unmarshal(line, &l); err != nil {
-			t.Fatalf("undecodable line %q: %v", line, err)
-		}
-		if l.Delta == nil {
-			return l, len(line), l.NetMap
-		}
-		if last == nil {
-			t.Fatalf("a delta first without a netmap to resume: %s", line)
-		}
-		nm, err := last.Apply(*l.Delta)
-		if err != nil {
-			t.Fatalf("first delta: %v", err)
-		}
-		return l, len(line), nm
+	l, line, err := nextLine(sc)
+	if err != nil {
+		t.Fatalf("first line: %v", err)
 	}
-	t.Fatalf("stream ended: %v", sc.Err())
-	return api.NetMapLine{}, 0, api.NetMap{}
+	if l.Delta == nil {
+		return l, len(line), l.NetMap
+	}
+	if last == nil {
+		t.Fatalf("a delta first without a netmap to resume: %s", line)
+	}
+	nm, err := last.Apply(*l.Delta)
+	if err != nil {
+		t.Fatalf("first delta: %v", err)
+	}
+	return l, len(line), nm
 }
 
 // TestNetmapStreamResumes: an agent that reconnects with the netmap it
