@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -20,6 +19,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/cni"
 	"github.com/trellis-mesh/trellis/internal/ipam"
+	"github.com/trellis-mesh/trellis/internal/netconv"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/vpn"
 )
@@ -417,7 +417,7 @@ func linkOfAddrs(addrs []netip.Addr) (netlink.Link, error) {
 // agent's.
 func routeToLink(link netlink.Link, prefixes []netip.Prefix) error {
 	for _, p := range prefixes {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(p), Protocol: vpnRouteProto, Scope: netlink.SCOPE_LINK}
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: netconv.IPNet(p.Masked()), Protocol: vpnRouteProto, Scope: netlink.SCOPE_LINK}
 		if err := netlink.RouteReplace(r); err != nil {
 			return fmt.Errorf("route %s to %s: %w", p, link.Attrs().Name, err)
 		}
@@ -433,7 +433,7 @@ func unrouteFromLinks(prefixes []netip.Prefix) error {
 		if p.Addr().Is6() {
 			family = netlink.FAMILY_V6
 		}
-		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Dst: ipNet(p), Protocol: vpnRouteProto, Table: mainTable},
+		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Dst: netconv.IPNet(p.Masked()), Protocol: vpnRouteProto, Table: mainTable},
 			netlink.RT_FILTER_DST|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return err
@@ -445,11 +445,6 @@ func unrouteFromLinks(prefixes []netip.Prefix) error {
 		}
 	}
 	return nil
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	p = p.Masked()
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 func mergePrefixes(a, b []netip.Prefix) []netip.Prefix {

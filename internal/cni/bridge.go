@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/internal/netconv"
 )
 
 // EnsureBridge creates the bridge name (default "cni0") or adopts an
@@ -113,11 +115,11 @@ func setAddresses(link netlink.Link, want []netip.Prefix) error {
 	}
 	wantSet := make(map[netip.Prefix]bool, len(want))
 	for _, p := range want {
-		wantSet[unmap(p)] = true
+		wantSet[netconv.Unmap(p)] = true
 	}
 	haveSet := make(map[netip.Prefix]bool)
 	for _, a := range have {
-		p, ok := prefixOf(a.IPNet)
+		p, ok := netconv.Prefix(a.IPNet)
 		if !ok || p.Addr().IsLinkLocalUnicast() {
 			continue
 		}
@@ -130,7 +132,7 @@ func setAddresses(link netlink.Link, want []netip.Prefix) error {
 		}
 	}
 	for _, p := range want {
-		p = unmap(p)
+		p = netconv.Unmap(p)
 		if haveSet[p] {
 			continue
 		}
@@ -144,29 +146,4 @@ func setAddresses(link netlink.Link, want []netip.Prefix) error {
 		}
 	}
 	return nil
-}
-
-func unmap(p netip.Prefix) netip.Prefix {
-	if p.Addr().Is4In6() && p.Bits() >= 96 {
-		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-	}
-	return p
-}
-
-func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, bits := n.Mask.Size()
-	if bits == 32 {
-		a = a.Unmap()
-	}
-	if bits == 0 || (bits == 32) != a.Is4() {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(a, ones), true
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/internal/netconv"
 )
 
 // Overhead is the number of bytes WireGuard adds to each packet in the
@@ -105,13 +107,13 @@ func setAddresses(h *netlink.Handle, link netlink.Link, want []netip.Prefix) err
 		if !p.IsValid() {
 			return fmt.Errorf("set addresses of %s: %s is not a valid prefix", name, p)
 		}
-		wantSet[unmapPrefix(p)] = true
+		wantSet[netconv.Unmap(p)] = true
 	}
 	haveSet := make(map[netip.Prefix]bool, len(have))
 	// Delete first: removing a primary IPv4 address can take the
 	// secondaries with it, so additions come after.
 	for _, a := range have {
-		p, ok := prefixOfIPNet(a.IPNet)
+		p, ok := netconv.Prefix(a.IPNet)
 		if !ok || p.Addr().IsLinkLocalUnicast() {
 			continue
 		}
@@ -124,12 +126,12 @@ func setAddresses(h *netlink.Handle, link netlink.Link, want []netip.Prefix) err
 		}
 	}
 	for _, p := range want {
-		p = unmapPrefix(p)
+		p = netconv.Unmap(p)
 		if haveSet[p] {
 			continue
 		}
 		haveSet[p] = true
-		addr := &netlink.Addr{IPNet: ipNet(p)}
+		addr := &netlink.Addr{IPNet: netconv.IPNet(p)}
 		if p.Addr().Is6() {
 			addr.Flags = unix.IFA_F_NODAD
 		}
@@ -151,7 +153,7 @@ func setRoutes(h *netlink.Handle, link netlink.Link, want []netip.Prefix) error 
 		if !p.IsValid() {
 			return fmt.Errorf("set routes via %s: %s is not a valid prefix", name, p)
 		}
-		wantSet[unmapPrefix(p).Masked()] = true
+		wantSet[netconv.Unmap(p).Masked()] = true
 	}
 	have := make(map[netip.Prefix]bool)
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
@@ -162,7 +164,7 @@ func setRoutes(h *netlink.Handle, link netlink.Link, want []netip.Prefix) error 
 			return fmt.Errorf("list routes via %s: %w", name, err)
 		}
 		for _, r := range routes {
-			p, ok := prefixOfIPNet(r.Dst)
+			p, ok := netconv.Prefix(r.Dst)
 			if !ok {
 				continue
 			}
@@ -176,14 +178,14 @@ func setRoutes(h *netlink.Handle, link netlink.Link, want []netip.Prefix) error 
 		}
 	}
 	for _, p := range want {
-		p = unmapPrefix(p).Masked()
+		p = netconv.Unmap(p).Masked()
 		if have[p] {
 			continue
 		}
 		have[p] = true
 		r := &netlink.Route{
 			LinkIndex: idx,
-			Dst:       ipNet(p),
+			Dst:       netconv.IPNet(p),
 			Scope:     netlink.SCOPE_LINK,
 			Protocol:  RouteProtocol,
 			Table:     unix.RT_TABLE_MAIN,
@@ -193,35 +195,4 @@ func setRoutes(h *netlink.Handle, link netlink.Link, want []netip.Prefix) error 
 		}
 	}
 	return nil
-}
-
-func unmapPrefix(p netip.Prefix) netip.Prefix {
-	if p.Addr().Is4In6() && p.Bits() >= 96 {
-		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-	}
-	return p
-}
-
-// prefixOfIPNet converts a netlink address or route destination keeping
-// the host bits (an interface address is address + length).
-func prefixOfIPNet(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	a, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, bits := n.Mask.Size()
-	if bits == 32 {
-		a = a.Unmap()
-	}
-	if bits == 0 || (bits == 32) != a.Is4() {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(a, ones), true
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
