@@ -81,6 +81,29 @@ func markdown(rs []*loadgen.Result) string {
 		}
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s |\n", n, cell(whole, bytesOf), cell(deltas, bytesOf), size(entry), ratio, cell(whole, cpuOf), cell(deltas, cpuOf))
 	}
+	b.WriteString(reconnects(rs))
+	return b.String()
+}
+
+// reconnects renders the reconnect storms (deltas runs only): every agent
+// opens its stream again, as after a server restart, for the whole
+// netmap and then resuming from it.
+func reconnects(rs []*loadgen.Result) string {
+	var b strings.Builder
+	b.WriteString("\nReconnect storm: every agent opens its netmap stream again (64 at a time), as after a server restart; first for the whole netmap, then resuming from the netmap it holds (nothing changed):\n\n")
+	b.WriteString("| N agents | whole: to all | bytes | server CPU | resumed: to all | bytes | server CPU | agents resumed | bytes whole / resumed |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, r := range rs {
+		w, s := r.ReconnectWhole, r.ReconnectResumed
+		if w == nil || s == nil {
+			continue
+		}
+		ratio := "—"
+		if s.Bytes > 0 {
+			ratio = fmt.Sprintf("%.0f×", float64(w.Bytes)/float64(s.Bytes))
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %d of %d | %s |\n", r.Agents, dur(w.All), size(w.Bytes), dur(w.ServerCPU),
+			dur(s.All), size(s.Bytes), dur(s.ServerCPU), s.Resumed, r.Agents, ratio)
+	}
 	return b.String()
 }
 

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -187,13 +188,19 @@ func (a *vagent) report(ctx context.Context, ext netip.Addr) error {
 }
 
 // openStream starts the agent's netmap stream, of deltas or of whole
-// netmaps. Either way its first line is a whole netmap.
-func (a *vagent) openStream(ctx context.Context, deltas bool) (io.ReadCloser, error) {
-	url := a.base + api.PathNetmap
+// netmaps. Its first line is a whole netmap, unless have (with deltas:
+// api.NetmapHaveParam) names the netmap the agent holds and the server
+// resumes from it.
+func (a *vagent) openStream(ctx context.Context, deltas bool, have string) (io.ReadCloser, error) {
+	u := a.base + api.PathNetmap
 	if deltas {
-		url += "?" + api.NetmapDeltasParam + "=1"
+		q := url.Values{api.NetmapDeltasParam: {"1"}}
+		if have != "" {
+			q.Set(api.NetmapHaveParam, have)
+		}
+		u += "?" + q.Encode()
 	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, err
 	}

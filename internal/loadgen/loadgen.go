@@ -6,6 +6,7 @@ package loadgen
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"net/netip"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -158,6 +160,22 @@ type Result struct {
 	// ServerBusyIdle is the share of a CPU the server used in the last
 	// second of settling (with every stream open and nothing changing).
 	ServerBusyIdle float64 `json:"serverBusyIdle"`
+	// ReconnectWhole and ReconnectResumed: every agent opens its stream
+	// again at once, as after a server restart, asking for the whole
+	// netmap, then resuming from it (api.NetmapHaveParam). Deltas only.
+	ReconnectWhole   *Reconnect `json:"reconnectWhole,omitempty"`
+	ReconnectResumed *Reconnect `json:"reconnectResumed,omitempty"`
+}
+
+// Reconnect is one storm of reconnecting agents, until each had the first
+// line of its new stream.
+type Reconnect struct {
+	All       time.Duration `json:"all"`
+	Bytes     int64         `json:"bytes"` // the first lines, all agents
+	ServerCPU time.Duration `json:"serverCPU"`
+	// Resumed is how many first lines were deltas (the agent's netmap
+	// was current).
+	Resumed int `json:"resumed"`
 }
 
 // Run joins cfg.Agents virtual agents, opens their netmap streams, makes
@@ -246,7 +264,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	log.Info("opening netmap streams", "agents", n)
 	octx, ocancel := context.WithTimeout(ctx, cfg.PhaseTimeout)
 	err = parallel(octx, n, cfg.StreamConcurrency, func(i int) error {
-		body, err := agents[i].openStream(sctx, !cfg.WholeMaps)
+		body, err := agents[i].openStream(sctx, !cfg.WholeMaps, "")
 		if err != nil {
 			return err
 		}
@@ -342,7 +360,121 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := measureAgentMemory(ctx, agents[0], res); err != nil {
 		return res, err
 	}
+	if cfg.WholeMaps {
+		return res, nil
+	}
+	var haves []string
+	if res.ReconnectWhole, haves, err = reconnectAll(ctx, cfg, agents, nil); err != nil {
+		return res, fmt.Errorf("reconnect for whole netmaps: %w", err)
+	}
+	if res.ReconnectResumed, _, err = reconnectAll(ctx, cfg, agents, haves); err != nil {
+		return res, fmt.Errorf("reconnect resuming: %w", err)
+	}
 	return res, nil
+}
+
+// reconnectAll opens every agent's stream again (StreamConcurrency at a
+// time), reads its first line and closes it. With haves, agent i says it
+// holds haves[i]. It returns, for each agent whose first line was a whole
+// netmap, the api.NetmapHaveParam value that names it.
+func reconnectAll(ctx context.Context, cfg Config, agents []*vagent, haves []string) (*Reconnect, []string, error) {
+	what := "whole"
+	if haves != nil {
+		what = "resuming"
+	}
+	cfg.Logger.Info("reconnecting every agent", "agents", len(agents), "first line", what)
+	out := make([]string, len(agents))
+	var bytesRead, resumed atomic.Int64
+	rctx, cancel := context.WithTimeout(ctx, cfg.PhaseTimeout)
+	defer cancel()
+	s0 := sample(cfg.ServerPID)
+	start := time.Now()
+	err := parallel(rctx, len(agents), cfg.StreamConcurrency, func(i int) error {
+		have := ""
+		if haves != nil {
+			have = haves[i]
+		}
+		body, err := agents[i].openStream(rctx, true, have)
+		if err != nil {
+			return err
+		}
+		defer body.Close()
+		line, err := readLine(body)
+		if err != nil {
+			return fmt.Errorf("first line of agent %d: %w", i, err)
+		}
+		bytesRead.Add(int64(len(line) + 1))
+		if bytes.HasPrefix(line, []byte(`{"delta"`)) {
+			resumed.Add(1)
+			return nil
+		}
+		out[i], err = haveOf(line)
+		return err
+	})
+	r := &Reconnect{All: time.Since(start), Bytes: bytesRead.Load(), ServerCPU: sample(cfg.ServerPID).CPU - s0.CPU, Resumed: int(resumed.Load())}
+	if err != nil {
+		return r, nil, err
+	}
+	cfg.Logger.Info("every agent reconnected", "first line", what, "took", r.All.Round(time.Millisecond), "MiB", r.Bytes>>20, "resumed", r.Resumed, "serverCPU", r.ServerCPU)
+	if _, err := waitIdle(ctx, cfg.ServerPID, 0, settleTimeout); err != nil {
+		return r, nil, err
+	}
+	return r, out, nil
+}
+
+// readLine reads r up to its first non-empty line (without the '\n').
+func readLine(r io.Reader) ([]byte, error) {
+	var line []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := r.Read(buf)
+		line = append(line, buf[:n]...)
+		for {
+			i := bytes.IndexByte(line, '\n')
+			if i < 0 {
+				break
+			}
+			if i > 0 {
+				return line[:i], nil
+			}
+			line = line[1:] // a keepalive
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// haveOf is the api.NetmapHaveParam value of a whole netmap line as the
+// server wrote it, from its bytes: the version, and the SHA-256 of what
+// follows it up to the end of the peer list (api.NetMap.Digest), without
+// decoding megabytes of JSON per agent.
+func haveOf(line []byte) (string, error) {
+	const head = `{"version":`
+	comma := bytes.IndexByte(line, ',')
+	if !bytes.HasPrefix(line, []byte(head)) || comma < 0 {
+		return "", fmt.Errorf("not a netmap line: %.80q", line)
+	}
+	version, err := strconv.ParseInt(string(line[len(head):comma]), 10, 64)
+	if err != nil {
+		return "", fmt.Errorf("netmap version: %w", err)
+	}
+	// The peer list is followed by the server list, the server name or
+	// the end. (A quote inside a JSON string is escaped, so these bytes
+	// are structure wherever they occur.)
+	end := -1
+	for _, next := range []string{`],"servers":`, `],"serverName":`} {
+		if end = bytes.LastIndex(line, []byte(next)); end >= 0 {
+			break
+		}
+	}
+	if end < 0 {
+		if !bytes.HasSuffix(line, []byte("]}")) {
+			return "", fmt.Errorf("no peer list in netmap line: %.80q", line)
+		}
+		end = len(line) - 2
+	}
+	return api.FormatHave(version, sha256.Sum256(line[comma:end+1])), nil
 }
 
 // measureAgentMemory opens a stream as agent a, takes its first netmap and
@@ -351,23 +483,14 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 func measureAgentMemory(ctx context.Context, a *vagent, res *Result) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	body, err := a.openStream(ctx, false)
+	body, err := a.openStream(ctx, false, "")
 	if err != nil {
 		return err
 	}
 	defer body.Close()
-	var line []byte
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := body.Read(buf)
-		line = append(line, buf[:n]...)
-		if i := bytes.IndexByte(line, '\n'); i >= 0 {
-			line = line[:i]
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read a netmap: %w", err)
-		}
+	line, err := readLine(body)
+	if err != nil {
+		return fmt.Errorf("read a netmap: %w", err)
 	}
 	res.MapBytes = int64(len(line) + 1)
 	body.Close()

@@ -2,6 +2,7 @@ package loadgen
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"net"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/server"
 )
@@ -113,6 +115,34 @@ func TestRun(t *testing.T) {
 	if res.Peers != agents-1 || res.MapBytes <= res.PeerBytes*int64(res.Peers) || res.AgentBytesPerPeer <= 0 {
 		t.Errorf("sample netmap: %d peers (want %d), %d bytes, %d per peer on the wire, %.0f in memory",
 			res.Peers, agents-1, res.MapBytes, res.PeerBytes, res.AgentBytesPerPeer)
+	}
+	// Reconnects: whole netmaps first, then every agent resumes (the
+	// digest the loadgen computes from the raw line is the server's).
+	w, r := res.ReconnectWhole, res.ReconnectResumed
+	if w == nil || r == nil {
+		t.Fatal("no reconnects measured")
+	}
+	if w.Resumed != 0 || r.Resumed != agents || r.Bytes*5 > w.Bytes {
+		t.Errorf("reconnects: whole %+v, resumed %+v: want every agent resumed, for a fraction of the bytes", w, r)
+	}
+}
+
+func TestHaveOf(t *testing.T) {
+	nm := api.NetMap{Version: 7, Self: api.Node{Name: "a"}, Peers: []api.Peer{{Name: "b", Reason: `a "],\"servers\":" reason`}},
+		Servers: []api.Server{{Name: "s", URL: "https://198.51.100.1:6443"}}, ServerName: "s"}
+	for _, c := range []struct {
+		servers []api.Server
+		name    string
+	}{{nm.Servers, "s"}, {nil, "s"}, {nil, ""}} {
+		nm.Servers, nm.ServerName = c.servers, c.name
+		line, _ := json.Marshal(nm)
+		d, _ := nm.Digest()
+		if got, err := haveOf(line); err != nil || got != api.FormatHave(7, d) {
+			t.Errorf("%s: haveOf = %q, %v; want %q", line, got, err, api.FormatHave(7, d))
+		}
+	}
+	if _, err := haveOf([]byte(`{"delta":{}}`)); err == nil {
+		t.Error("haveOf of a delta line: want an error")
 	}
 }
 
