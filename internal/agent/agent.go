@@ -38,13 +38,16 @@ type Agent struct {
 
 	lastVersion int64 // only touched by the netmap stream's goroutine
 
-	mu        sync.Mutex
-	client    *apiClient             // guarded by mu; the joined client, nil before
-	peers     map[api.Key]*peerState // guarded by mu; peers of the last netmap
-	addrs     addrSet                // guarded by mu; the node's current addresses
-	external  []netip.Addr           // guarded by mu; --node-external-ip, reloadable
-	kick      chan struct{}          // restarts the netmap stream (addresses changed)
-	endpoints endpointMemory         // guarded by mu; endpoints that last worked (endpoints.go)
+	mu       sync.Mutex
+	client   *apiClient             // guarded by mu; the joined client, nil before
+	peers    map[api.Key]*peerState // guarded by mu; peers of the last netmap
+	addrs    addrSet                // guarded by mu; the node's current addresses
+	external []netip.Addr           // guarded by mu; --node-external-ip, reloadable
+	kick     chan struct{}          // restarts the netmap stream (addresses changed)
+	// rescueWake makes rescueLoop look at the peers at once (a netmap
+	// was applied); buffered, sends never block.
+	rescueWake chan struct{}
+	endpoints  endpointMemory // guarded by mu; endpoints that last worked (endpoints.go)
 
 	tunnelState tunnelStatus // the tunnel client once it runs (status.go)
 	servers     *serverList  // every server; API calls go to the current one (servers.go)
@@ -77,7 +80,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeName), peers: map[api.Key]*peerState{}, kick: make(chan struct{}, 1)}
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeName), peers: map[api.Key]*peerState{}, kick: make(chan struct{}, 1), rescueWake: make(chan struct{}, 1)}
 	tok, err := token.Parse(cfg.Token)
 	if err != nil {
 		return fmt.Errorf("--token: %w", err)
@@ -455,6 +458,10 @@ func (a *Agent) apply(nm api.NetMap) {
 		return
 	}
 	a.log.Debug("netmap applied", "version", nm.Version, "peers", len(peers))
+	select {
+	case a.rescueWake <- struct{}{}:
+	default:
+	}
 }
 
 func (a *Agent) sanitize(p api.Peer) (mesh.Peer, bool) {

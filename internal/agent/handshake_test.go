@@ -15,7 +15,7 @@ import (
 func rescueRun(r *handshakeRescue, t0 time.Time, from, end time.Duration, status func(time.Duration) []mesh.PeerStatus) map[[32]byte][]time.Duration {
 	got := map[[32]byte][]time.Duration{}
 	for d := from; d <= end; d += rescueInterval {
-		reset, _ := r.due(status(d), t0.Add(d))
+		reset, _, _ := r.due(status(d), t0.Add(d))
 		for _, p := range reset {
 			got[p.PublicKey] = append(got[p.PublicKey], d)
 		}
@@ -156,5 +156,60 @@ func TestHandshakeRescueDeafSession(t *testing.T) {
 		if !slices.Equal(got[peer], tc.want) {
 			t.Errorf("%s: resets at %v, want %v", tc.name, got[peer], tc.want)
 		}
+	}
+}
+
+// TestHandshakeRescueWatch: the loop looks often only while a peer is new
+// or has no session (for its first resets); a settled mesh is looked at
+// every rescueIdle.
+func TestHandshakeRescueWatch(t *testing.T) {
+	own, peer := [32]byte{5}, [32]byte{9}
+	ep := netip.MustParseAddrPort("198.18.0.1:51820")
+	t0 := time.Unix(1_700_000_000, 0)
+	watchAt := func(r *handshakeRescue, d time.Duration, p mesh.PeerStatus) bool {
+		_, _, watch := r.due([]mesh.PeerStatus{p}, t0.Add(d))
+		return watch
+	}
+
+	r := newHandshakeRescue(own)
+	if !watchAt(r, 0, mesh.PeerStatus{PublicKey: peer, Endpoint: ep}) {
+		t.Error("a new peer without a session is not watched")
+	}
+	// A session; the peer has not been heard through it yet: watched (a
+	// deaf session is caught within deafAfter).
+	hs := t0.Add(time.Second)
+	if !watchAt(r, time.Second, mesh.PeerStatus{PublicKey: peer, Endpoint: ep, LastHandshake: hs, TransmitBytes: 100}) {
+		t.Error("a new session not heard from yet is not watched")
+	}
+	if watchAt(r, 2*time.Second, mesh.PeerStatus{PublicKey: peer, Endpoint: ep, LastHandshake: hs, TransmitBytes: 1000, ReceiveBytes: 500}) {
+		t.Error("a session that works is still watched")
+	}
+
+	// An old peer's session is settled even if it is quiet.
+	r = newHandshakeRescue(own)
+	quiet := mesh.PeerStatus{PublicKey: peer, Endpoint: ep, LastHandshake: t0.Add(time.Minute)}
+	watchAt(r, 0, quiet)
+	if watchAt(r, newPeerFor+time.Minute, quiet) {
+		t.Error("an old quiet session is watched")
+	}
+
+	// No endpoint: nothing to do, nothing to watch.
+	r = newHandshakeRescue(own)
+	if watchAt(r, 0, mesh.PeerStatus{PublicKey: peer}) {
+		t.Error("a peer without an endpoint is watched")
+	}
+
+	// A silent peer is watched for its first resets, then not.
+	r = newHandshakeRescue(own)
+	silent := mesh.PeerStatus{PublicKey: peer, Endpoint: ep}
+	var last bool
+	for d := time.Duration(0); d <= 2*time.Minute; d += rescueInterval {
+		last = watchAt(r, d, silent)
+		if !last {
+			break
+		}
+	}
+	if last || r.peers[peer].attempts != watchAttempts {
+		t.Errorf("silent peer: watched %v after %d resets, want not after %d", last, r.peers[peer].attempts, watchAttempts)
 	}
 }

@@ -25,7 +25,7 @@ func TestMain(m *testing.M) {
 
 // nodeRequest is one line on a node process's stdin.
 type nodeRequest struct {
-	Op       string // open, peers, reset, addrs, routes, status, wg, close, remove, leaks
+	Op       string // open, peers, reset, addrs, routes, status, statuscount, wg, close, remove, leaks
 	Config   Config
 	Peers    []Peer
 	Key      [32]byte // reset
@@ -74,6 +74,10 @@ func runNode() int {
 				err = d.SetRoutes(req.Prefixes)
 			case "status":
 				resp.Status, err = d.Status()
+			case "statuscount": // Status without sending it back, for a benchmark
+				var st []PeerStatus
+				st, err = d.Status()
+				resp.Out = fmt.Sprint(len(st))
 			case "wg":
 				var out []byte
 				out, err = exec.Command("wg", "show", d.Name(), "dump").CombinedOutput()

@@ -21,7 +21,7 @@ import (
 
 // node is a test binary running runNode inside a network namespace.
 type node struct {
-	t     *testing.T
+	t     testing.TB
 	ns    string
 	cmd   *exec.Cmd
 	stdin io.WriteCloser
@@ -46,7 +46,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func startNode(t *testing.T, ns string) *node {
+func startNode(t testing.TB, ns string) *node {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	cmd := meshtest.NodeCommand(ctx, ns, os.Args[0])
@@ -125,7 +125,7 @@ func (n *node) status(pub [32]byte) PeerStatus {
 	return PeerStatus{}
 }
 
-func newKey(t *testing.T) wgtypes.Key {
+func newKey(t testing.TB) wgtypes.Key {
 	k, err := wgtypes.GeneratePrivateKey()
 	if err != nil {
 		t.Fatal(err)
