@@ -24,7 +24,8 @@ import (
 	"github.com/trellis-mesh/trellis/internal/api"
 )
 
-// openNetmap opens j's netmap stream with query q until ctx ends.
+// openNetmap opens j's netmap stream with query q until ctx ends; the
+// caller checks the status.
 func (ts *testServer) openNetmap(ctx context.Context, t *testing.T, j *joined, q url.Values) *http.Response {
 	t.Helper()
 	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap+"?"+q.Encode(), nil)
@@ -34,6 +35,13 @@ func (ts *testServer) openNetmap(ctx context.Context, t *testing.T, j *joined, q
 	if err != nil {
 		t.Fatal(err)
 	}
+	return resp
+}
+
+// mustOpenNetmap is openNetmap for a stream that must open.
+func (ts *testServer) mustOpenNetmap(ctx context.Context, t *testing.T, j *joined, q url.Values) *http.Response {
+	t.Helper()
+	resp := ts.openNetmap(ctx, t, j, q)
 	if resp.StatusCode != 200 {
 		resp.Body.Close()
 		t.Fatalf("netmap stream (%s): %d", q.Encode(), resp.StatusCode)
@@ -67,7 +75,7 @@ func (ts *testServer) deltaStream(t *testing.T, j *joined) (<-chan api.NetMap, *
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	resp := ts.openNetmap(ctx, t, j, url.Values{api.NetmapDeltasParam: {"1"}})
+	resp := ts.mustOpenNetmap(ctx, t, j, url.Values{api.NetmapDeltasParam: {"1"}})
 	var deltas, bytesRead atomic.Int64
 	ch := make(chan api.NetMap, 64)
 	go func() {
@@ -251,7 +259,7 @@ func (ts *testServer) firstLine(t *testing.T, j *joined, last *api.NetMap, have 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp := ts.openNetmap(ctx, t, j, q)
+	resp := ts.mustOpenNetmap(ctx, t, j, q)
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(nil, 1<<20)

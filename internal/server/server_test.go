@@ -206,13 +206,7 @@ func (ts *testServer) stream(t *testing.T, j *joined) (<-chan api.NetMap, int) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	hr, _ := http.NewRequestWithContext(ctx, "GET", ts.URL()+api.PathNetmap, nil)
-	c := ts.client(t, &j.cert)
-	c.Timeout = 0
-	resp, err := c.Do(hr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := ts.openNetmap(ctx, t, j, nil)
 	if resp.StatusCode != 200 {
 		resp.Body.Close()
 		return nil, resp.StatusCode
