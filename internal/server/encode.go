@@ -25,13 +25,22 @@ type netmapDigests struct {
 	content [sha256.Size]byte
 }
 
-// encodeNetMap encodes nm once for both the line and its digests. The
-// peers, most of a netmap's bytes, are written by appendPeer, about three
-// times faster than encoding/json and byte for byte the same.
-//
-// Without withDigests the digests are left zero (a stream of deltas that
-// does not resume needs none).
-func encodeNetMap(nm api.NetMap, withDigests bool) ([]byte, netmapDigests, error) {
+// digestKinds says which of netmapDigests to compute: each hashes most of
+// the line (a megabyte at 5000 peers), so only what a stream compares.
+type digestKinds uint8
+
+const (
+	digestWhole digestKinds = 1 << iota
+	digestContent
+	digestBoth = digestWhole | digestContent
+)
+
+// encodeNetMap encodes nm once for both the line and the digests want
+// names (the others are left zero: a stream of deltas that does not
+// resume needs none). The peers, most of a netmap's bytes, are written by
+// appendPeer, about three times faster than encoding/json and byte for
+// byte the same.
+func encodeNetMap(nm api.NetMap, want digestKinds) ([]byte, netmapDigests, error) {
 	var ds netmapDigests
 	version, peers := nm.Version, nm.Peers
 	nm.Version, nm.Peers = 0, []api.Peer{}
@@ -56,8 +65,10 @@ func encodeNetMap(nm api.NetMap, withDigests bool) ([]byte, netmapDigests, error
 	}
 	peersEnd := len(line) + 1 // after the list's ']'
 	line = append(line, frame[i+len(slot)-1:]...)
-	if withDigests {
+	if want&digestWhole != 0 {
 		ds.whole = sha256.Sum256(line[afterVersion:])
+	}
+	if want&digestContent != 0 {
 		ds.content = sha256.Sum256(line[afterVersion:peersEnd])
 	}
 	return append(line, '\n'), ds, nil

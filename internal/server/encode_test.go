@@ -26,7 +26,7 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 		Servers:    []api.Server{{Name: "s1", URL: "https://198.51.100.1:6443"}, {Name: "s2", URL: "https://198.51.100.2:6443"}},
 		ServerName: "s1",
 	}
-	line, ds, err := encodeNetMap(nm, true)
+	line, ds, err := encodeNetMap(nm, digestBoth)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,19 +44,19 @@ func TestEncodeNetMapMatchesJSON(t *testing.T) {
 		t.Errorf("agent's digest %x (%v), server's content digest %x", d, err, ds.content)
 	}
 	nm.Version = 43
-	if _, d, _ := encodeNetMap(nm, true); d != ds {
+	if _, d, _ := encodeNetMap(nm, digestBoth); d != ds {
 		t.Error("the digests depend on the version")
 	}
 	nm.Servers, nm.ServerName = nm.Servers[1:], "s2"
-	if _, d, _ := encodeNetMap(nm, true); d.content != ds.content || d.whole == ds.whole {
+	if _, d, _ := encodeNetMap(nm, digestBoth); d.content != ds.content || d.whole == ds.whole {
 		t.Error("the whole digest must see the server list, the content digest must not")
 	}
 	nm.Peers[0].Endpoint = netip.MustParseAddrPort("203.0.113.9:51820")
-	if _, d, _ := encodeNetMap(nm, true); d.content == ds.content || d.whole == ds.whole {
+	if _, d, _ := encodeNetMap(nm, digestBoth); d.content == ds.content || d.whole == ds.whole {
 		t.Error("the digests do not see a new endpoint")
 	}
 	nm.Peers, nm.Servers, nm.ServerName = nil, nil, ""
-	line, ds, _ = encodeNetMap(nm, true)
+	line, ds, _ = encodeNetMap(nm, digestBoth)
 	if !bytes.Contains(line, []byte(`"peers":[]`)) {
 		t.Errorf("no peers: %s", line)
 	}

@@ -466,7 +466,14 @@ func (st *netmapStream) whole(ctx context.Context, p snap, servers []api.Server)
 	defer func() { <-s.fullMaps }()
 	nm, _ := s.hub.netmapFor(st.name, p)
 	nm.Servers, nm.ServerName = servers, s.cfg.NodeName
-	line, ds, err := encodeNetMap(nm, !st.deltas || st.have)
+	var want digestKinds
+	if !st.deltas {
+		want |= digestWhole // to skip an unchanged netmap
+	}
+	if st.have && !st.sent {
+		want |= digestContent // to resume
+	}
+	line, ds, err := encodeNetMap(nm, want)
 	return nm, line, ds, err
 }
 
