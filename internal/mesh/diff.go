@@ -209,3 +209,34 @@ func ipNets(ps []netip.Prefix) []net.IPNet {
 	}
 	return out
 }
+
+// PeersMatch reports whether a device whose peers are current (as Status
+// returns them) already has the desired peers, in the sense of Diff: it
+// is true exactly when Diff would change nothing. The agent compares the
+// status it read anyway before it reconfigures the device.
+func PeersMatch(current []PeerStatus, desired []Peer) bool {
+	if len(current) != len(desired) {
+		return false
+	}
+	cur := make(map[[32]byte]*PeerStatus, len(current))
+	for i := range current {
+		cur[current[i].PublicKey] = &current[i]
+	}
+	for _, d := range desired {
+		c, ok := cur[d.PublicKey]
+		if !ok {
+			return false
+		}
+		delete(cur, d.PublicKey) // a key listed twice does not match twice
+		if ep := d.Endpoint; ep.IsValid() && unmapAddrPort(ep) != unmapAddrPort(c.Endpoint) {
+			return false
+		}
+		if d.PersistentKeepalive != c.PersistentKeepalive {
+			return false
+		}
+		if !slices.Equal(canonicalPrefixes(d.AllowedIPs), canonicalPrefixes(c.AllowedIPs)) {
+			return false
+		}
+	}
+	return true
+}

@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"reflect"
@@ -291,4 +292,56 @@ func BenchmarkDiff(b *testing.B) {
 			b.Fatalf("got %d changes, want 1", len(cfg.Peers))
 		}
 	}
+}
+
+// TestPeersMatchAgreesWithDiff checks PeersMatch against Diff on random
+// devices and desired peer sets: they match exactly when Diff changes
+// nothing.
+func TestPeersMatchAgreesWithDiff(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	eps := []netip.AddrPort{{}, netip.MustParseAddrPort("192.0.2.1:51820"), netip.MustParseAddrPort("[2001:db8::1]:51820"), netip.MustParseAddrPort("192.0.2.1:1")}
+	ips := [][]netip.Prefix{nil, pfx("10.42.1.0/24"), pfx("10.42.1.0/24", "fd00:42:0:1::/64"), pfx("10.42.2.0/24")}
+	kas := []time.Duration{0, 25 * time.Second}
+	randPeer := func() Peer {
+		return Peer{PublicKey: key(byte(1 + rng.IntN(4))), Endpoint: eps[rng.IntN(len(eps))], AllowedIPs: ips[rng.IntN(len(ips))], PersistentKeepalive: kas[rng.IntN(2)]}
+	}
+	matched := 0
+	for range 20000 {
+		var desired []Peer
+		seen := map[[32]byte]bool{}
+		for range rng.IntN(4) {
+			if p := randPeer(); !seen[p.PublicKey] {
+				seen[p.PublicKey] = true
+				desired = append(desired, p)
+			}
+		}
+		// The device: the desired peers, each maybe changed, maybe one more.
+		var cur []wgtypes.Peer
+		var st []PeerStatus
+		for _, d := range desired {
+			if rng.IntN(5) == 0 {
+				continue
+			}
+			c := d
+			if rng.IntN(3) == 0 {
+				r := randPeer()
+				c.Endpoint, c.AllowedIPs, c.PersistentKeepalive = r.Endpoint, r.AllowedIPs, r.PersistentKeepalive
+			}
+			cur = append(cur, wgtypes.Peer{PublicKey: c.PublicKey, Endpoint: udpAddr(c.Endpoint), AllowedIPs: ipNets(c.AllowedIPs), PersistentKeepaliveInterval: c.PersistentKeepalive})
+			st = append(st, PeerStatus{PublicKey: c.PublicKey, Endpoint: c.Endpoint, AllowedIPs: canonicalPrefixes(c.AllowedIPs), PersistentKeepalive: c.PersistentKeepalive})
+		}
+		if rng.IntN(5) == 0 {
+			extra := Peer{PublicKey: key(9), AllowedIPs: pfx("10.42.9.0/24")}
+			cur = append(cur, wgtypes.Peer{PublicKey: extra.PublicKey, AllowedIPs: ipNets(extra.AllowedIPs)})
+			st = append(st, PeerStatus{PublicKey: extra.PublicKey, AllowedIPs: extra.AllowedIPs})
+		}
+		want := len(Diff(cur, desired).Peers) == 0
+		if got := PeersMatch(st, desired); got != want {
+			t.Fatalf("PeersMatch = %v, Diff changes nothing = %v\ndevice %+v\ndesired %+v", got, want, st, desired)
+		}
+		if want {
+			matched++
+		}
+	}
+	t.Logf("%d of 20000 cases matched", matched)
 }

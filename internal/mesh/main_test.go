@@ -1,9 +1,10 @@
-package mesh
+package mesh_test
 
 import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"github.com/trellis-mesh/trellis/internal/mesh"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -26,22 +27,22 @@ func TestMain(m *testing.M) {
 // nodeRequest is one line on a node process's stdin.
 type nodeRequest struct {
 	Op       string // open, peers, reset, addrs, routes, status, statuscount, wg, close, remove, leaks
-	Config   Config
-	Peers    []Peer
+	Config   mesh.Config
+	Peers    []mesh.Peer
 	Key      [32]byte // reset
 	Prefixes []netip.Prefix
 }
 
 // nodeResponse is one line on a node process's stdout.
 type nodeResponse struct {
-	Error  string       `json:",omitempty"`
-	Kind   string       `json:",omitempty"`
-	MTU    int          `json:",omitempty"`
-	Status []PeerStatus `json:",omitempty"`
-	Out    string       `json:",omitempty"`
+	Error  string            `json:",omitempty"`
+	Kind   string            `json:",omitempty"`
+	MTU    int               `json:",omitempty"`
+	Status []mesh.PeerStatus `json:",omitempty"`
+	Out    string            `json:",omitempty"`
 }
 
-// runNode serves nodeRequests against one Device, as a node process in
+// runNode serves nodeRequests against one mesh.Device, as a node process in
 // its own network and mount namespace would (the e2e harness runs real
 // agents the same way).
 func runNode() int {
@@ -49,7 +50,7 @@ func runNode() int {
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 1<<20)
 	enc := json.NewEncoder(os.Stdout)
-	var d *Device
+	var d *mesh.Device
 	for in.Scan() {
 		var req nodeRequest
 		var resp nodeResponse
@@ -60,7 +61,7 @@ func runNode() int {
 		if err == nil {
 			switch req.Op {
 			case "open":
-				d, err = Open(req.Config, log)
+				d, err = mesh.Open(req.Config, log)
 				if err == nil {
 					resp.Kind, resp.MTU = d.Kind(), d.MTU()
 				}
@@ -75,7 +76,7 @@ func runNode() int {
 			case "status":
 				resp.Status, err = d.Status()
 			case "statuscount": // Status without sending it back, for a benchmark
-				var st []PeerStatus
+				var st []mesh.PeerStatus
 				st, err = d.Status()
 				resp.Out = fmt.Sprint(len(st))
 			case "wg":
@@ -103,4 +104,12 @@ func runNode() int {
 		d.Close()
 	}
 	return 0
+}
+
+func pfx(s ...string) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(s))
+	for _, x := range s {
+		out = append(out, netip.MustParsePrefix(x))
+	}
+	return out
 }

@@ -1,4 +1,4 @@
-package mesh
+package mesh_test
 
 import (
 	"bufio"
@@ -10,13 +10,17 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/trellis-mesh/trellis/internal/mesh/meshtest"
+	"github.com/trellis-mesh/trellis/internal/mesh"
+
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/trellis-mesh/trellis/internal/mesh/meshtest"
 )
 
 // node is a test binary running runNode inside a network namespace.
@@ -114,7 +118,7 @@ func (n *node) must(req nodeRequest) nodeResponse {
 	return resp
 }
 
-func (n *node) status(pub [32]byte) PeerStatus {
+func (n *node) status(pub [32]byte) mesh.PeerStatus {
 	n.t.Helper()
 	for _, s := range n.must(nodeRequest{Op: "status"}).Status {
 		if s.PublicKey == pub {
@@ -122,7 +126,7 @@ func (n *node) status(pub [32]byte) PeerStatus {
 		}
 	}
 	n.t.Fatalf("node %s: peer %s not in status", n.ns, wgtypes.Key(pub))
-	return PeerStatus{}
+	return mesh.PeerStatus{}
 }
 
 func newKey(t testing.TB) wgtypes.Key {
@@ -149,16 +153,16 @@ func TestNamespaceMesh(t *testing.T) {
 	meshtest.IP(t, "-n", nsA, "link", "set", "va", "mtu", "1400")
 	meshtest.IP(t, "-n", nsA, "route", "add", "default", "via", "192.0.2.2")
 	// B finds a stale interface left by a crashed run and replaces it.
-	meshtest.IP(t, "-n", nsB, "tuntap", "add", "dev", DefaultInterface, "mode", "tun")
+	meshtest.IP(t, "-n", nsB, "tuntap", "add", "dev", mesh.DefaultInterface, "mode", "tun")
 
 	keyA, keyB, keyC := newKey(t), newKey(t), newKey(t)
 	pubA, pubB, pubC := [32]byte(keyA.PublicKey()), [32]byte(keyB.PublicKey()), [32]byte(keyC.PublicKey())
 
 	a, b := startNode(t, nsA), startNode(t, nsB)
-	ra := a.must(nodeRequest{Op: "open", Config: Config{PrivateKey: keyA}}) // ModeAuto
-	rb := b.must(nodeRequest{Op: "open", Config: Config{PrivateKey: keyB, Mode: ModeUserspace, MTU: 1320}})
-	if rb.Kind != KindUserspace {
-		t.Errorf("B kind = %q, want %q", rb.Kind, KindUserspace)
+	ra := a.must(nodeRequest{Op: "open", Config: mesh.Config{PrivateKey: keyA}}) // mesh.ModeAuto
+	rb := b.must(nodeRequest{Op: "open", Config: mesh.Config{PrivateKey: keyB, Mode: mesh.ModeUserspace, MTU: 1320}})
+	if rb.Kind != mesh.KindUserspace {
+		t.Errorf("B kind = %q, want %q", rb.Kind, mesh.KindUserspace)
 	}
 	if ra.MTU != 1320 {
 		t.Errorf("A derived MTU %d, want 1400-80 = 1320", ra.MTU)
@@ -171,10 +175,10 @@ func TestNamespaceMesh(t *testing.T) {
 	a.must(nodeRequest{Op: "routes", Prefixes: cluster})
 	b.must(nodeRequest{Op: "routes", Prefixes: cluster})
 
-	peerB := Peer{PublicKey: pubB, Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: pfx("10.42.1.0/24")}
-	peerC := Peer{PublicKey: pubC, AllowedIPs: pfx("10.42.2.0/24")} // never answers; no endpoint, no traffic
-	a.must(nodeRequest{Op: "peers", Peers: []Peer{peerB, peerC}})
-	b.must(nodeRequest{Op: "peers", Peers: []Peer{{PublicKey: pubA, Endpoint: netip.MustParseAddrPort("192.0.2.1:51820"), AllowedIPs: pfx("10.42.0.0/24")}}})
+	peerB := mesh.Peer{PublicKey: pubB, Endpoint: netip.MustParseAddrPort("192.0.2.2:51820"), AllowedIPs: pfx("10.42.1.0/24")}
+	peerC := mesh.Peer{PublicKey: pubC, AllowedIPs: pfx("10.42.2.0/24")} // never answers; no endpoint, no traffic
+	a.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{peerB, peerC}})
+	b.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{{PublicKey: pubA, Endpoint: netip.MustParseAddrPort("192.0.2.1:51820"), AllowedIPs: pfx("10.42.0.0/24")}}})
 
 	if err := meshtest.Ping(nsA, "10.42.1.0", 3); err != nil {
 		t.Fatalf("ping across the tunnel: %v", err)
@@ -198,9 +202,9 @@ func TestNamespaceMesh(t *testing.T) {
 
 	// Same desired state again, then C's allowed IPs change: B's session
 	// must survive untouched (same handshake, counters not reset).
-	a.must(nodeRequest{Op: "peers", Peers: []Peer{peerB, peerC}})
+	a.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{peerB, peerC}})
 	peerC.AllowedIPs = pfx("10.42.2.0/24", "10.42.3.0/24")
-	a.must(nodeRequest{Op: "peers", Peers: []Peer{peerB, peerC}})
+	a.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{peerB, peerC}})
 	after := a.status(pubB)
 	if !after.LastHandshake.Equal(before.LastHandshake) || after.ReceiveBytes < before.ReceiveBytes {
 		t.Errorf("B's session was disturbed by a change to C: before %+v, after %+v", before, after)
@@ -213,25 +217,25 @@ func TestNamespaceMesh(t *testing.T) {
 	}
 
 	// Removing C removes it from `wg show`.
-	a.must(nodeRequest{Op: "peers", Peers: []Peer{peerB}})
+	a.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{peerB}})
 	dump = a.must(nodeRequest{Op: "wg"}).Out
 	if strings.Contains(dump, wgtypes.Key(pubC).String()) || !strings.Contains(dump, wgtypes.Key(pubB).String()) {
 		t.Errorf("after removing C, wg show is:\n%s", dump)
 	}
 
 	// Routes: only tagged ones are owned.
-	meshtest.IP(t, "-n", nsA, "route", "add", "10.99.0.0/16", "dev", DefaultInterface) // not ours
+	meshtest.IP(t, "-n", nsA, "route", "add", "10.99.0.0/16", "dev", mesh.DefaultInterface) // not ours
 	a.must(nodeRequest{Op: "routes", Prefixes: pfx("10.42.0.0/16", "10.43.0.0/16", "fd00:42::/56")})
-	routes := meshtest.IP(t, "-n", nsA, "route", "show", "dev", DefaultInterface) +
-		meshtest.IP(t, "-n", nsA, "-6", "route", "show", "dev", DefaultInterface)
+	routes := meshtest.IP(t, "-n", nsA, "route", "show", "dev", mesh.DefaultInterface) +
+		meshtest.IP(t, "-n", nsA, "-6", "route", "show", "dev", mesh.DefaultInterface)
 	for _, want := range []string{"10.42.0.0/16 proto 116", "10.43.0.0/16 proto 116", "fd00:42::/56 proto 116", "10.99.0.0/16"} {
 		if !strings.Contains(routes, want) {
 			t.Errorf("routes lack %q:\n%s", want, routes)
 		}
 	}
 	a.must(nodeRequest{Op: "routes", Prefixes: cluster})
-	routes = meshtest.IP(t, "-n", nsA, "route", "show", "dev", DefaultInterface) +
-		meshtest.IP(t, "-n", nsA, "-6", "route", "show", "dev", DefaultInterface)
+	routes = meshtest.IP(t, "-n", nsA, "route", "show", "dev", mesh.DefaultInterface) +
+		meshtest.IP(t, "-n", nsA, "-6", "route", "show", "dev", mesh.DefaultInterface)
 	if strings.Contains(routes, "10.43.0.0/16") || strings.Contains(routes, "fd00:42::/56") ||
 		!strings.Contains(routes, "10.99.0.0/16") || !strings.Contains(routes, "10.42.0.0/16") {
 		t.Errorf("after SetRoutes(%v) routes are:\n%s", cluster, routes)
@@ -240,7 +244,7 @@ func TestNamespaceMesh(t *testing.T) {
 	// Addresses become exactly the desired ones.
 	a.must(nodeRequest{Op: "addrs", Prefixes: pfx("10.42.0.0/32", "10.42.0.5/32", "fd00:42::/128")})
 	a.must(nodeRequest{Op: "addrs", Prefixes: pfx("10.42.0.0/32", "fd00:42::/128")})
-	addrs := meshtest.IP(t, "-n", nsA, "-br", "addr", "show", "dev", DefaultInterface)
+	addrs := meshtest.IP(t, "-n", nsA, "-br", "addr", "show", "dev", mesh.DefaultInterface)
 	if !strings.Contains(addrs, "10.42.0.0/32") || !strings.Contains(addrs, "fd00:42::/128") || strings.Contains(addrs, "10.42.0.5") {
 		t.Errorf("addresses after SetAddresses: %s", addrs)
 	}
@@ -251,7 +255,7 @@ func TestNamespaceMesh(t *testing.T) {
 		if n == b {
 			kind = rb.Kind
 		}
-		if kind == KindKernel {
+		if kind == mesh.KindKernel {
 			n.must(nodeRequest{Op: "remove"})
 		}
 		n.must(nodeRequest{Op: "close"})
@@ -259,15 +263,28 @@ func TestNamespaceMesh(t *testing.T) {
 		if resp := n.do(nodeRequest{Op: "peers"}); resp.Error == "" {
 			t.Errorf("node %s: SetPeers after Close succeeded", n.ns)
 		}
-		if _, err := meshtest.Run("ip", "-n", n.ns, "link", "show", DefaultInterface); err == nil {
-			t.Errorf("node %s: %s still exists after Close", n.ns, DefaultInterface)
+		if _, err := meshtest.Run("ip", "-n", n.ns, "link", "show", mesh.DefaultInterface); err == nil {
+			t.Errorf("node %s: %s still exists after Close", n.ns, mesh.DefaultInterface)
 		}
 		n.must(nodeRequest{Op: "leaks"})
 	}
 }
 
 func equalPrefixes(a, b []netip.Prefix) bool {
-	a, b = canonicalPrefixes(a), canonicalPrefixes(b)
+	canonical := func(ps []netip.Prefix) []netip.Prefix {
+		out := make([]netip.Prefix, 0, len(ps))
+		for _, p := range ps {
+			out = append(out, p.Masked())
+		}
+		slices.SortFunc(out, func(x, y netip.Prefix) int {
+			if c := x.Addr().Compare(y.Addr()); c != 0 {
+				return c
+			}
+			return x.Bits() - y.Bits()
+		})
+		return slices.Compact(out)
+	}
+	a, b = canonical(a), canonical(b)
 	if len(a) != len(b) {
 		return false
 	}
@@ -288,28 +305,28 @@ func TestUnderlayMTU(t *testing.T) {
 	var noDefault error
 	var direct, viaRouteMTU, viaDefault int
 	err := meshtest.InNetNS(nsA, func() error {
-		_, noDefault = UnderlayMTU(netip.Addr{})
+		_, noDefault = mesh.UnderlayMTU(netip.Addr{})
 		var err error
-		if direct, err = UnderlayMTU(netip.MustParseAddr("192.0.2.2")); err != nil {
+		if direct, err = mesh.UnderlayMTU(netip.MustParseAddr("192.0.2.2")); err != nil {
 			return err
 		}
 		if out, err := meshtest.Run("ip", "-n", nsA, "route", "add", "198.51.100.0/24", "via", "192.0.2.2", "mtu", "1300"); err != nil {
 			return fmt.Errorf("%v: %s", err, out)
 		}
-		if viaRouteMTU, err = UnderlayMTU(netip.MustParseAddr("198.51.100.7")); err != nil {
+		if viaRouteMTU, err = mesh.UnderlayMTU(netip.MustParseAddr("198.51.100.7")); err != nil {
 			return err
 		}
 		if out, err := meshtest.Run("ip", "-n", nsA, "route", "add", "default", "via", "192.0.2.2"); err != nil {
 			return fmt.Errorf("%v: %s", err, out)
 		}
-		viaDefault, err = UnderlayMTU(netip.Addr{})
+		viaDefault, err = mesh.UnderlayMTU(netip.Addr{})
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if noDefault == nil || !strings.Contains(noDefault.Error(), "no default route") {
-		t.Errorf("UnderlayMTU without a default route: %v, want an error", noDefault)
+		t.Errorf("mesh.UnderlayMTU without a default route: %v, want an error", noDefault)
 	}
 	if direct != 1450 || viaRouteMTU != 1300 || viaDefault != 1450 {
 		t.Errorf("UnderlayMTU: direct %d (want 1450), route with mtu %d (want 1300), default %d (want 1450)", direct, viaRouteMTU, viaDefault)

@@ -1,4 +1,4 @@
-package mesh
+package mesh_test
 
 import (
 	"errors"
@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/mesh"
 
 	"github.com/trellis-mesh/trellis/internal/mesh/meshtest"
 )
@@ -103,13 +105,13 @@ func TestResetPeerEndsCrossedHandshakes(t *testing.T) {
 	meshtest.Veth(t, nsA, "va", "192.0.2.1/24", nsB, "vb", "192.0.2.2/24")
 	addrA := netip.MustParseAddr("192.0.2.1")
 	relay := startDelayRelay(t, nsA, addrA,
-		netip.AddrPortFrom(addrA, DefaultListenPort), netip.MustParseAddrPort("192.0.2.2:51820"), delay)
+		netip.AddrPortFrom(addrA, mesh.DefaultListenPort), netip.MustParseAddrPort("192.0.2.2:51820"), delay)
 
 	keyA, keyB := newKey(t), newKey(t)
 	pubA, pubB := [32]byte(keyA.PublicKey()), [32]byte(keyB.PublicKey())
 	a, b := startNode(t, nsA), startNode(t, nsB)
-	a.must(nodeRequest{Op: "open", Config: Config{PrivateKey: keyA, Mode: ModeUserspace}})
-	b.must(nodeRequest{Op: "open", Config: Config{PrivateKey: keyB, Mode: ModeUserspace}})
+	a.must(nodeRequest{Op: "open", Config: mesh.Config{PrivateKey: keyA, Mode: mesh.ModeUserspace}})
+	b.must(nodeRequest{Op: "open", Config: mesh.Config{PrivateKey: keyB, Mode: mesh.ModeUserspace}})
 	a.must(nodeRequest{Op: "addrs", Prefixes: pfx("10.42.0.0/32")})
 	b.must(nodeRequest{Op: "addrs", Prefixes: pfx("10.42.1.0/32")})
 	a.must(nodeRequest{Op: "routes", Prefixes: pfx("10.42.0.0/16")})
@@ -118,9 +120,9 @@ func TestResetPeerEndsCrossedHandshakes(t *testing.T) {
 	// Both add the other within a few milliseconds, far less than the
 	// delay: with a keepalive, each sends an initiation at once.
 	start := time.Now()
-	a.must(nodeRequest{Op: "peers", Peers: []Peer{{PublicKey: pubB, Endpoint: netip.AddrPortFrom(addrA, relay.portA()),
+	a.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{{PublicKey: pubB, Endpoint: netip.AddrPortFrom(addrA, relay.portA()),
 		AllowedIPs: pfx("10.42.1.0/24"), PersistentKeepalive: 25 * time.Second}}})
-	b.must(nodeRequest{Op: "peers", Peers: []Peer{{PublicKey: pubA, Endpoint: netip.AddrPortFrom(addrA, relay.portB()),
+	b.must(nodeRequest{Op: "peers", Peers: []mesh.Peer{{PublicKey: pubA, Endpoint: netip.AddrPortFrom(addrA, relay.portB()),
 		AllowedIPs: pfx("10.42.0.0/24"), PersistentKeepalive: 25 * time.Second}}})
 	if d := time.Since(start); d > delay/2 {
 		t.Skipf("configuring both nodes took %v, too long for the initiations to cross", d)
@@ -140,7 +142,7 @@ func TestResetPeerEndsCrossedHandshakes(t *testing.T) {
 	time.Sleep(time.Second)
 	reset := time.Now()
 	a.must(nodeRequest{Op: "reset", Key: pubB})
-	var got PeerStatus
+	var got mesh.PeerStatus
 	for deadline := reset.Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if got = b.status(pubA); !got.LastHandshake.IsZero() && !a.status(pubB).LastHandshake.IsZero() {
 			break

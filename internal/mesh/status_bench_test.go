@@ -1,10 +1,12 @@
-package mesh
+package mesh_test
 
 import (
 	"fmt"
 	"net/netip"
 	"strconv"
 	"testing"
+
+	"github.com/trellis-mesh/trellis/internal/mesh"
 
 	"github.com/trellis-mesh/trellis/internal/mesh/meshtest"
 )
@@ -20,10 +22,10 @@ func BenchmarkStatus(b *testing.B) {
 		b.Run(strconv.Itoa(n), func(b *testing.B) {
 			ns := meshtest.NetNS(b, meshtest.Name("trm-st"))
 			node := startNode(b, ns)
-			node.must(nodeRequest{Op: "open", Config: Config{PrivateKey: newKey(b), Mode: ModeUserspace}})
-			peers := make([]Peer, n)
+			node.must(nodeRequest{Op: "open", Config: mesh.Config{PrivateKey: newKey(b), Mode: mesh.ModeUserspace}})
+			peers := make([]mesh.Peer, n)
 			for i := range peers {
-				peers[i] = Peer{
+				peers[i] = mesh.Peer{
 					PublicKey:  [32]byte(newKey(b).PublicKey()),
 					Endpoint:   netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 51820),
 					AllowedIPs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 42, byte(i >> 8), byte(i)}), 32)},
