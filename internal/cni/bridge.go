@@ -57,8 +57,13 @@ func EnsureBridge(name string, gateways []netip.Prefix, mtu int) error {
 	if err := setAddresses(link, gateways); err != nil {
 		return fmt.Errorf("set up bridge %s: %w", name, err)
 	}
-	if err := netlink.LinkSetUp(link); err != nil {
-		return fmt.Errorf("set up bridge %s: bring up: %w", name, err)
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		// Only when down: the agent repairs the bridge whenever a link
+		// changes, and a repair that changes nothing must not make an
+		// event of its own.
+		if err := netlink.LinkSetUp(link); err != nil {
+			return fmt.Errorf("set up bridge %s: bring up: %w", name, err)
+		}
 	}
 	return nil
 }

@@ -243,6 +243,27 @@ func Write(cfg Config) error {
 	return nil
 }
 
+// RemoveOwn deletes the conflist at cfg's path if Trellis wrote it (its
+// network is cfg's network name): a file another installer put there is
+// left alone. A missing file is not an error.
+func RemoveOwn(cfg Config) error {
+	cfg = cfg.withDefaults()
+	b, err := os.ReadFile(cfg.Path())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove CNI config: %w", err)
+	}
+	var list struct {
+		Name string `json:"name"`
+	}
+	if json.Unmarshal(b, &list) != nil || list.Name != cfg.NetworkName {
+		return nil
+	}
+	return Remove(cfg)
+}
+
 // Remove deletes the conflist; a missing file is not an error.
 func Remove(cfg Config) error {
 	if err := os.Remove(cfg.Path()); err != nil && !errors.Is(err, os.ErrNotExist) {
