@@ -2,8 +2,6 @@ package agent
 
 import (
 	"encoding/json"
-	"errors"
-	"maps"
 	"net/netip"
 	"os"
 	"time"
@@ -72,27 +70,4 @@ func (m endpointMemory) save(path string) error {
 		return err
 	}
 	return pki.WriteFileAtomic(path, b, 0o600)
-}
-
-// rememberWorking records the endpoints of peers with a fresh handshake
-// and saves the memory when it changed.
-func (a *Agent) rememberWorking(st []mesh.PeerStatus, now time.Time) {
-	a.mu.Lock()
-	next := maps.Clone(a.endpoints)
-	if next == nil {
-		next = endpointMemory{}
-	}
-	for _, p := range st {
-		if p.Endpoint.IsValid() && handshakeFresh(p.LastHandshake, now) {
-			next[api.Key(p.PublicKey)] = p.Endpoint
-		}
-	}
-	changed := !maps.Equal(next, a.endpoints)
-	a.endpoints = next
-	a.mu.Unlock()
-	if changed {
-		if err := next.save(a.cfg.dir("endpoints.json")); err != nil && !errors.Is(err, os.ErrNotExist) {
-			a.log.Debug("saving working endpoints failed", "err", err)
-		}
-	}
 }

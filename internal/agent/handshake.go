@@ -2,11 +2,9 @@ package agent
 
 import (
 	"bytes"
-	"context"
 	"math/rand/v2"
 	"time"
 
-	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/mesh"
 )
 
@@ -207,52 +205,4 @@ func (r *handshakeRescue) deaf(w *rescuePeer, p mesh.PeerStatus, now time.Time) 
 	}
 	w.deaf = true
 	return true
-}
-
-// rescueLoop starts over the handshakes of peers that have none, or a new
-// session that hears nothing (see handshakeRescue), until ctx ends.
-func (a *Agent) rescueLoop(ctx context.Context) {
-	if a.dev == nil {
-		return // a VPN carries the traffic
-	}
-	r := newHandshakeRescue(a.dev.PublicKey())
-	t := time.NewTimer(rescueInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-a.rescueWake:
-		}
-		next := rescueInterval
-		if st, err := a.dev.Status(); err == nil {
-			reset, why, watch := r.due(st, time.Now())
-			for i, p := range reset {
-				a.resetPeer(p, why[i], r.peers[p.PublicKey].attempts)
-			}
-			if !watch {
-				next = rescueIdle
-			}
-		}
-		t.Reset(next)
-	}
-}
-
-func (a *Agent) resetPeer(p mesh.PeerStatus, why string, attempts int) {
-	a.mu.Lock()
-	name := ""
-	if ps := a.peers[api.Key(p.PublicKey)]; ps != nil {
-		name = ps.name
-	}
-	a.mu.Unlock()
-	if err := a.dev.ResetPeer(p.PublicKey); err != nil {
-		a.log.Warn("starting a WireGuard handshake over failed", "peer", name, "err", err)
-		return
-	}
-	say := a.log.Debug
-	if attempts <= 1 {
-		say = a.log.Info
-	}
-	say("WireGuard handshake started over", "peer", name, "reason", why, "endpoint", p.Endpoint, "attempt", attempts)
 }

@@ -1,25 +1,19 @@
 package agent
 
 import (
-	"sync"
+	"fmt"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/trellis-mesh/trellis/internal/api"
 )
 
-// agentMetrics are the agent's Prometheus metrics (Config.Metrics). The
-// per-peer figures are read from the WireGuard device at scrape time; the
-// rest are recorded as things happen. A nil *agentMetrics records nothing.
+// agentMetrics are the agent's Prometheus metrics (Config.Metrics). A
+// scrape reads what the loop last published (its snapshot, at most a
+// status tick old) and never the device itself, so it is safe at any
+// time, also while the node joins. A nil *agentMetrics records nothing.
 type agentMetrics struct {
 	a    *Agent
 	join prometheus.Histogram
-
-	mu            sync.Mutex
-	netmapVersion int64     // guarded by mu
-	netmapAt      time.Time // guarded by mu
-	relayed       int       // guarded by mu; netmap peers reached through a relay
 }
 
 var (
@@ -34,43 +28,37 @@ var (
 	descNetmapAge     = prometheus.NewDesc("trellis_agent_netmap_age_seconds", "Time since the last netmap arrived.", nil, nil)
 )
 
-// newAgentMetrics registers the agent's metrics with r; nil r gives nil.
-func newAgentMetrics(a *Agent, r prometheus.Registerer) (*agentMetrics, error) {
+// newAgentMetrics returns the agent's metrics for registry r (nil r gives
+// nil); register registers them once the agent is built.
+func newAgentMetrics(r prometheus.Registerer) *agentMetrics {
 	if r == nil {
-		return nil, nil
+		return nil
 	}
-	m := &agentMetrics{a: a, join: prometheus.NewHistogram(prometheus.HistogramOpts{
+	return &agentMetrics{join: prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "trellis_agent_join_duration_seconds",
 		Help:    "Time a successful join request took (CSR, registration, pod CIDR).",
 		Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
 	})}
+}
+
+// register registers the metrics of a (whose loop exists) with r.
+func (m *agentMetrics) register(a *Agent, r prometheus.Registerer) error {
+	if m == nil {
+		return nil
+	}
+	m.a = a
 	for _, c := range []prometheus.Collector{m.join, m} {
 		if err := r.Register(c); err != nil {
-			return nil, err
+			return fmt.Errorf("agent metrics: %w", err)
 		}
 	}
-	return m, nil
+	return nil
 }
 
 func (m *agentMetrics) joined(d time.Duration) {
 	if m != nil {
 		m.join.Observe(d.Seconds())
 	}
-}
-
-func (m *agentMetrics) netmapApplied(nm api.NetMap, now time.Time) {
-	if m == nil {
-		return
-	}
-	relayed := 0
-	for _, p := range nm.Peers {
-		if p.Via != "" {
-			relayed++
-		}
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.netmapVersion, m.netmapAt, m.relayed = nm.Version, now, relayed
 }
 
 // Describe implements prometheus.Collector.
@@ -106,9 +94,8 @@ func (m *agentMetrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descTunnelUp, prometheus.GaugeValue, up)
 	ch <- prometheus.MustNewConstMetric(descTunnelReconn, prometheus.CounterValue, reconnects)
-	m.mu.Lock()
-	version, at, relayed := m.netmapVersion, m.netmapAt, m.relayed
-	m.mu.Unlock()
+	snap := a.loop.snapshot()
+	version, at, relayed := snap.netmapVersion, snap.netmapAt, snap.relayed
 	ch <- prometheus.MustNewConstMetric(descRelayed, prometheus.GaugeValue, float64(relayed))
 	ch <- prometheus.MustNewConstMetric(descNetmapVersion, prometheus.GaugeValue, float64(version))
 	if !at.IsZero() {

@@ -74,11 +74,9 @@ func (a *Agent) handleProbe(w http.ResponseWriter, r *http.Request) {
 	writeStatusJSON(w, rep)
 }
 
-// clusterCIDRs returns the cluster CIDRs of the last join.
+// clusterCIDRs returns the cluster CIDRs of the last netmap.
 func (a *Agent) clusterCIDRs() []netip.Prefix {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return slices.Clone(a.cidrs)
+	return slices.Clone(a.loop.snapshot().clusterCIDRs)
 }
 
 // tunnelMTU is the MTU of the node's cluster traffic: the WireGuard
@@ -87,22 +85,14 @@ func (a *Agent) tunnelMTU() int {
 	if a.dev != nil {
 		return a.dev.MTU()
 	}
-	if a.vpn != nil {
-		if link, err := linkOfAddrs(a.cfg.NodeIPs); err == nil {
-			return link.Attrs().MTU
-		}
-	}
-	return 0
+	return a.loop.snapshot().vpnMTU
 }
 
 // probeSource is the address probes of dst leave from: the node's tunnel
 // address of dst's family (WireGuard), or its pod bridge address (VPN),
 // so that the reply comes back through the mesh.
 func (a *Agent) probeSource(dst netip.Addr) netip.Addr {
-	a.mu.Lock()
-	pods := slices.Clone(a.self.PodCIDRs)
-	a.mu.Unlock()
-	for _, p := range pods {
+	for _, p := range a.loop.snapshot().self.PodCIDRs {
 		if p.Addr().Is4() != dst.Is4() {
 			continue
 		}

@@ -3,6 +3,9 @@ package agent
 import (
 	"strconv"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/mesh"
 )
 
 // waitGrace is how long a wait may last before the agent says what it is
@@ -10,11 +13,12 @@ import (
 const waitGrace = 5 * time.Second
 
 // progress tells the operator what the agent is waiting for beyond the
-// server (joinUntilDone has its own waitLog): the first WireGuard
+// server (the source has its own waitLog): a pod CIDR, the first WireGuard
 // handshake, and the VPN's approval of the pod CIDR routes. Each is said
 // once, then again at growing intervals, and its end is said once. Only
-// the report loop touches it.
+// the loop touches it.
 type progress struct {
+	podCIDR   waitState
 	handshake waitState
 	approval  waitState
 }
@@ -67,62 +71,67 @@ func (w *waitLog) still(now time.Time, args ...any) {
 	w.next = now.Add(w.gap)
 }
 
-// checkWaits is called by the report loop every reportInterval.
-func (a *Agent) checkWaits(now time.Time) {
-	a.checkFirstHandshake(now)
-	a.checkRouteApproval(now)
+// checkWaits is called by every pass of the loop with the device's status
+// (nil without a device).
+func (l *loop) checkWaits(st []mesh.PeerStatus, now time.Time) {
+	l.checkPodCIDR(now)
+	l.checkFirstHandshake(st, now)
+	l.checkRouteApproval(now)
 }
 
-func (a *Agent) checkFirstHandshake(now time.Time) {
-	s := &a.waits.handshake
-	if s.done || a.dev == nil {
+// checkPodCIDR says when a node of a Kubernetes cluster waits for its
+// Node's pod CIDR (no CNI config is written until then).
+func (l *loop) checkPodCIDR(now time.Time) {
+	s := &l.waits.podCIDR
+	if !l.have || l.carrier == carrierNone {
 		return
 	}
-	a.mu.Lock()
-	peers := len(a.peers)
-	a.mu.Unlock()
-	if peers == 0 {
+	if len(l.nm.Self.PodCIDRs) > 0 {
+		if !s.since.IsZero() {
+			s.ended(now, "the node has its pod CIDR; pods can start", "podCIDRs", l.nm.Self.PodCIDRs)
+		}
+		*s = waitState{} // a later loss is waited for again
+		return
+	}
+	s.done = false
+	s.still(&waitLog{log: l.log, what: "a pod CIDR for this node (in a Kubernetes cluster: its Node's spec.podCIDRs; 'kubectl describe node' shows why it has none). No CNI config is written until then, so the kubelet reports the network not ready"}, now)
+}
+
+func (l *loop) checkFirstHandshake(st []mesh.PeerStatus, now time.Time) {
+	s := &l.waits.handshake
+	if s.done || l.dev == nil || len(l.peers) == 0 {
 		return // nothing to shake hands with yet (a single node)
-	}
-	st, err := a.dev.Status()
-	if err != nil {
-		return
 	}
 	for _, p := range st {
 		if !p.LastHandshake.IsZero() {
-			name := p.PublicKey
-			a.mu.Lock()
 			peer := ""
-			if ps := a.peers[name]; ps != nil {
+			if ps := l.peers[api.Key(p.PublicKey)]; ps != nil {
 				peer = ps.name
 			}
-			a.mu.Unlock()
 			s.ended(now, "first WireGuard handshake completed; the mesh carries traffic", "peer", peer)
 			return
 		}
 	}
-	s.still(&waitLog{log: a.log, what: "the first WireGuard handshake with a peer (is UDP " + strconv.Itoa(a.cfg.WireGuard.ListenPort) + " open between the nodes? 'trellis check' names the pairs that fail)"},
-		now, "peers", peers)
+	s.still(&waitLog{log: l.log, what: l.waitWhat}, now, "peers", len(l.peers))
 }
 
-func (a *Agent) checkRouteApproval(now time.Time) {
-	v := a.vpn
-	s := &a.waits.approval
-	if v == nil {
+func (l *loop) checkRouteApproval(now time.Time) {
+	v := l.vpn
+	s := &l.waits.approval
+	if v == nil || len(v.routes) == 0 {
 		return
 	}
-	v.mu.Lock()
-	routes, approved := v.routes, v.approved
-	v.mu.Unlock()
-	if len(routes) == 0 {
-		return
-	}
-	if approved {
-		s.ended(now, "route approval wait over", "routes", routes)
+	if v.approved {
+		s.ended(now, "route approval wait over", "routes", v.routes)
 		*s = waitState{} // a later withdrawal is waited for again
 		return
 	}
 	s.done = false
-	s.still(&waitLog{log: a.log, what: "the VPN to approve this node's pod CIDR routes ('trellis nodes' shows the autoApprovers stanza once the approval timeout passes)"},
-		now, "routes", joinPrefixList(routes))
+	s.still(&waitLog{log: l.log, what: "the VPN to approve this node's pod CIDR routes ('trellis nodes' shows the autoApprovers stanza once the approval timeout passes)"},
+		now, "routes", joinPrefixList(v.routes))
+}
+
+// firstHandshakeWait describes the first-handshake wait.
+func firstHandshakeWait(port int) string {
+	return "the first WireGuard handshake with a peer (is UDP " + strconv.Itoa(port) + " open between the nodes? 'trellis check' names the pairs that fail)"
 }

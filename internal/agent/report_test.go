@@ -17,7 +17,7 @@ func TestObserveJudgesTheDirectPathAndLogsChanges(t *testing.T) {
 	t0 := time.Unix(1_700_000_000, 0)
 	key, quiet := [32]byte{1}, [32]byte{2}
 	ep := netip.MustParseAddrPort("198.18.0.1:51820")
-	a := &Agent{log: slog.New(slog.NewTextHandler(&logs, nil)), peers: map[api.Key]*peerState{
+	a := &loop{loopConfig: loopConfig{log: slog.New(slog.NewTextHandler(&logs, nil))}, peers: map[api.Key]*peerState{
 		api.Key(key):   {name: "home2", since: t0, desired: ep},
 		api.Key(quiet): {name: "nowhere", since: t0}, // no endpoint: waits for the peer, never failing
 	}}

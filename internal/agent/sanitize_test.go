@@ -2,32 +2,41 @@ package agent
 
 import (
 	"encoding/json"
-	"io"
-	"log/slog"
 	"net/netip"
 	"testing"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/mesh"
 )
 
-func testAgent(t testing.TB) *Agent {
+// testNetmap is a netmap of a node with pod CIDR 10.42.0.0/24 in cluster
+// 10.42.0.0/16 and the peers given, and the node's own key.
+func testNetmap(t testing.TB, peers ...api.Peer) (api.NetMap, api.Key) {
 	k, err := wgtypes.GeneratePrivateKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Agent{
-		log:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-		id:    identity{privateKey: k, publicKey: api.Key(k.PublicKey())},
-		cidrs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/16")},
-		self:  api.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/24")}},
+	return api.NetMap{
+		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/16")},
+		Self:         api.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/24")}},
+		Peers:        peers,
+	}, api.Key(k.PublicKey())
+}
+
+// sanitizeOne is sanitizePeers of a netmap with one peer.
+func sanitizeOne(nm api.NetMap, own api.Key, p api.Peer) (mesh.Peer, bool) {
+	nm.Peers = []api.Peer{p}
+	peers, _ := sanitizePeers(nm, own)
+	if len(peers) == 0 {
+		return mesh.Peer{}, false
 	}
+	return peers[0], true
 }
 
 func TestSanitizeDropsHostileEntries(t *testing.T) {
-	a := testAgent(t)
-	own := api.Key(a.id.privateKey.PublicKey())
+	nm, own := testNetmap(t)
 	pfx := func(ss ...string) []netip.Prefix {
 		var out []netip.Prefix
 		for _, s := range ss {
@@ -54,7 +63,7 @@ func TestSanitizeDropsHostileEntries(t *testing.T) {
 		{"relayed probe", api.Peer{Name: "x", PublicKey: api.Key{3}, Via: "r"}, true, nil, "invalid AddrPort"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			mp, ok := a.sanitize(tc.peer)
+			mp, ok := sanitizeOne(nm, own, tc.peer)
 			if ok != tc.keep {
 				t.Fatalf("kept = %v, want %v", ok, tc.keep)
 			}
@@ -83,20 +92,37 @@ func FuzzNetmapMessage(f *testing.F) {
 	f.Add([]byte(`{"version":3,"peers":[{"name":"b","publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","endpoint":"203.0.113.1:51820","allowedIPs":["10.42.1.0/24","0.0.0.0/0"]}]}`))
 	f.Add([]byte(`{"peers":[{"publicKey":"","allowedIPs":["10.42.0.0/16"],"via":"r"}]}`))
 	f.Add([]byte(`{"peers":[{"publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","endpoint":"[::ffff:127.0.0.1]:1","allowedIPs":["10.42.0.0/25"]}]}`))
-	a := testAgent(f)
+	f.Add([]byte(`{"clusterCIDRs":["0.0.0.0/0"],"self":{"podCIDRs":["10.0.0.0/24"]},"peers":[{"publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","allowedIPs":["10.1.0.0/24"]}]}`))
+	f.Add([]byte(`{"clusterCIDRs":["10.42.0.0/16","fd00:42::/56"],"self":{"podCIDRs":["10.42.0.0/24","fd00:42::/64"]},"peers":[{"publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","allowedIPs":["fd00:42:0:1::/64","10.42.1.0/24"]}]}`))
+	base, own := testNetmap(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var nm api.NetMap
 		if json.Unmarshal(data, &nm) != nil {
 			return
 		}
-		for _, p := range nm.Peers {
-			mp, ok := a.sanitize(p)
-			if !ok {
-				continue
+		if len(nm.ClusterCIDRs) == 0 {
+			nm.ClusterCIDRs, nm.Self = base.ClusterCIDRs, base.Self
+		}
+		if checkNetmap(nm, nil) != nil {
+			return // the loop ignores such a netmap
+		}
+		peers, _ := sanitizePeers(nm, own)
+		for _, mp := range peers {
+			if mp.PublicKey == own {
+				t.Fatalf("kept our own key")
 			}
 			for _, q := range mp.AllowedIPs {
-				if !a.cidrs[0].Contains(q.Addr()) || q.Bits() != 24 || q.Overlaps(a.self.PodCIDRs[0]) {
-					t.Fatalf("kept allowed IP %v", q)
+				in := false
+				for _, c := range nm.ClusterCIDRs {
+					in = in || c.Contains(q.Addr()) && q.Bits() > c.Bits()
+				}
+				if !in || q.Bits() == 0 {
+					t.Fatalf("kept allowed IP %v outside the cluster CIDRs %v", q, nm.ClusterCIDRs)
+				}
+				for _, o := range nm.Self.PodCIDRs {
+					if q.Overlaps(o) {
+						t.Fatalf("kept allowed IP %v inside our own pod CIDR %v", q, o)
+					}
 				}
 			}
 			if mp.Endpoint.IsValid() && (mp.Endpoint.Addr().Unmap().IsLoopback() || mp.Endpoint.Addr().IsLinkLocalUnicast()) {

@@ -13,7 +13,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/pki"
-	"github.com/trellis-mesh/trellis/internal/tunnel"
 )
 
 // serversFile is where the agent remembers every server's URL across
@@ -143,7 +142,7 @@ func (l *serverList) all() ([]string, <-chan struct{}) {
 // ctx ends: a server reaches the node through its own tunnel, whichever
 // server the node's API calls go to. The first server's tunnel client is
 // the one the status endpoint reports.
-func (a *Agent) runTunnels(ctx context.Context, newClient func(serverURL string) (*tunnel.Client, error)) {
+func (a *Agent) runTunnels(ctx context.Context, servers *serverList) {
 	type running struct {
 		cancel context.CancelFunc
 		done   chan struct{}
@@ -158,7 +157,7 @@ func (a *Agent) runTunnels(ctx context.Context, newClient func(serverURL string)
 		}
 	}()
 	for {
-		urls, changed := a.servers.all()
+		urls, changed := servers.all()
 		for u, r := range tunnels {
 			if !slices.Contains(urls, u) {
 				r.cancel()
@@ -170,7 +169,7 @@ func (a *Agent) runTunnels(ctx context.Context, newClient func(serverURL string)
 			if tunnels[u] != nil {
 				continue
 			}
-			tc, err := newClient(u)
+			tc, err := a.newTunnel(u)
 			if err != nil {
 				a.log.Warn("cannot start the tunnel to a server", "server", u, "err", err)
 				continue
@@ -192,22 +191,4 @@ func (a *Agent) runTunnels(ctx context.Context, newClient func(serverURL string)
 		case <-changed:
 		}
 	}
-}
-
-// failover moves API calls to the next server of the list (when there is
-// another) and returns the client for it, with the same credential.
-func (a *Agent) failover(c *apiClient) *apiClient {
-	next := a.servers.next()
-	if next == c.base {
-		return c
-	}
-	c.close()
-	nc := &apiClient{base: next, http: c.http}
-	a.mu.Lock()
-	if a.client == c {
-		a.client = nc
-	}
-	a.mu.Unlock()
-	a.log.Info("moving to another server", "from", c.base, "to", next)
-	return nc
 }

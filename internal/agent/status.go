@@ -18,9 +18,7 @@ type tunnelStatus = atomic.Pointer[tunnel.Client]
 func (a *Agent) statusHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+api.PathStatus, func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Cache-Control", "no-store")
-		_ = json.NewEncoder(w).Encode(a.status(time.Now()))
+		writeStatusJSON(w, a.status(time.Now()))
 	})
 	mux.HandleFunc("GET "+api.PathProbe, a.handleProbe)
 	return mux
@@ -33,38 +31,20 @@ func writeStatusJSON(w http.ResponseWriter, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// status reports the node's tunnel and data plane.
+// status reports the node's tunnel and data plane as the loop last saw
+// them (at most a status tick old).
 func (a *Agent) status(now time.Time) api.NodeStatus {
 	st := api.NodeStatus{Name: a.cfg.NodeName, ServerURL: a.cfg.ServerURL, DataPlane: "none", Peers: []api.PeerStatus{}, Time: now, StatusPort: a.cfg.StatusPort}
 	if tc := a.tunnelState.Load(); tc != nil {
 		st.Tunnel.Connected, st.Tunnel.Since = tc.State()
 	}
-	if a.dev == nil {
-		if a.vpn != nil {
-			st.DataPlane, st.MTU = "vpn:"+a.vpn.p.Name(), a.tunnelMTU()
-		}
-		return st
-	}
-	st.DataPlane, st.Interface, st.MTU, st.ListenPort = a.dev.Kind(), a.dev.Name(), a.dev.MTU(), a.cfg.WireGuard.ListenPort
-	peers, err := a.dev.Status()
-	if err != nil {
-		a.log.Debug("status: reading WireGuard peers failed", "err", err)
-		return st
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for _, p := range peers {
-		ps := api.PeerStatus{
-			PublicKey:     api.Key(p.PublicKey),
-			Endpoint:      p.Endpoint,
-			LastHandshake: p.LastHandshake,
-			RxBytes:       p.ReceiveBytes,
-			TxBytes:       p.TransmitBytes,
-		}
-		if known := a.peers[ps.PublicKey]; known != nil {
-			ps.Name = known.name
-		}
-		st.Peers = append(st.Peers, ps)
+	snap := a.loop.snapshot()
+	switch {
+	case a.dev != nil:
+		st.DataPlane, st.Interface, st.MTU, st.ListenPort = a.dev.Kind(), a.dev.Name(), a.dev.MTU(), a.cfg.WireGuard.ListenPort
+		st.Peers = append(st.Peers, snap.peers...)
+	case a.vpn != nil:
+		st.DataPlane, st.MTU = "vpn:"+a.vpn.p.Name(), snap.vpnMTU
 	}
 	return st
 }

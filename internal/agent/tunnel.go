@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -33,56 +32,45 @@ func (c *Config) validateTunnel() error {
 	return nil
 }
 
-// startSupervisor starts the agent's status endpoint and its tunnel to
-// the server. The returned function stops both and waits for them.
-func (a *Agent) startSupervisor(ctx context.Context) (stop func(), err error) {
-	ctx, cancel := context.WithCancel(ctx)
+// startStatus starts the agent's status endpoint on 127.0.0.1 (the
+// server reaches it through the tunnel). The returned function stops it
+// and waits for it. A port in use fails the start at once.
+func (a *Agent) startStatus() (stop func(), err error) {
+	if a.cfg.StatusPort <= 0 {
+		return func() {}, nil
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(a.cfg.StatusPort))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("agent status endpoint: listen on %s: %w (is another trellis agent running on this host? choose another --status-port)", addr, err)
+	}
+	srv := &http.Server{Handler: a.statusHandler(), ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
-	statusPort := 0
-	var srv *http.Server
-	if a.cfg.StatusPort > 0 {
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(a.cfg.StatusPort))
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("agent status endpoint: listen on %s: %w (is another trellis agent running on this host? choose another --status-port)", addr, err)
+	wg.Go(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("agent status endpoint stopped", "err", err)
 		}
-		statusPort = a.cfg.StatusPort
-		srv = &http.Server{Handler: a.statusHandler(), ReadHeaderTimeout: 10 * time.Second}
-		wg.Go(func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				a.log.Error("agent status endpoint stopped", "err", err)
-			}
-		})
-	}
-	// One tunnel per server (servers.go); the first is made here so that
-	// a bad configuration fails the start.
-	newClient := func(serverURL string) (*tunnel.Client, error) {
-		return tunnel.NewClient(tunnel.ClientConfig{
-			ServerURL:  serverURL,
-			NodeName:   a.cfg.NodeName,
-			TLSConfig:  a.tunnelTLS,
-			StatusPort: statusPort,
-			AllowPorts: a.cfg.TunnelAllowPorts,
-			Logger:     a.log,
-		})
-	}
-	if _, err := newClient(a.cfg.ServerURL); err != nil {
-		cancel()
-		if srv != nil {
-			_ = srv.Close()
-		}
-		wg.Wait()
-		return nil, err
-	}
-	wg.Go(func() { a.runTunnels(ctx, newClient) })
+	})
 	return func() {
-		cancel()
-		if srv != nil {
-			_ = srv.Close()
-		}
+		_ = srv.Close()
 		wg.Wait()
 	}, nil
+}
+
+// newTunnel returns the tunnel client to one server.
+func (a *Agent) newTunnel(serverURL string) (*tunnel.Client, error) {
+	statusPort := 0
+	if a.cfg.StatusPort > 0 {
+		statusPort = a.cfg.StatusPort
+	}
+	return tunnel.NewClient(tunnel.ClientConfig{
+		ServerURL:  serverURL,
+		NodeName:   a.cfg.NodeName,
+		TLSConfig:  a.tunnelTLS,
+		StatusPort: statusPort,
+		AllowPorts: a.cfg.TunnelAllowPorts,
+		Logger:     a.log,
+	})
 }
 
 // tunnelTLS reads the CA and the node's current certificate from the data

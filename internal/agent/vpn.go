@@ -10,16 +10,10 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/trellis-mesh/trellis/internal/api"
-	"github.com/trellis-mesh/trellis/internal/cni"
-	"github.com/trellis-mesh/trellis/internal/ipam"
-	"github.com/trellis-mesh/trellis/internal/netconv"
+	"github.com/trellis-mesh/trellis/internal/hostnet"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/vpn"
 )
@@ -37,14 +31,6 @@ const (
 	// VPN about its routes while approval is pending, and after.
 	vpnCheckPending = time.Second
 	vpnCheckSettled = 10 * time.Second
-	// vpnSetupTimeout bounds the VPN part of setting up the data plane.
-	vpnSetupTimeout = 2 * time.Minute
-	// vpnRouteProto marks the kernel routes the agent adds towards the VPN
-	// interface (RTPROT_STATIC is what `ip route add` uses; this one is
-	// ours).
-	vpnRouteProto = netlink.RouteProtocol(0x54) // 'T'
-	// mainTable is the kernel's main routing table (RT_TABLE_MAIN).
-	mainTable = 254
 )
 
 // vpnState is what the agent keeps in vpnStateFile.
@@ -57,19 +43,25 @@ type vpnState struct {
 	KernelRoutes []netip.Prefix `json:"kernelRoutes,omitempty"`
 }
 
-// vpnCarrier is the agent's VPN state between netmaps and reports.
+// vpnCarrier is the VPN part of the data plane: what the loop advertised
+// through the VPN and what the VPN says about it. Only the loop touches
+// it.
 type vpnCarrier struct {
-	p vpn.Provider
+	p               vpn.Provider
+	addrs           []netip.Addr // the node's VPN addresses (its node IPs)
+	statePath       string       // vpnStateFile in the data dir
+	approvalTimeout time.Duration
 
-	mu        sync.Mutex
-	routes    []netip.Prefix // guarded by mu; pod CIDRs advertised
-	since     time.Time      // guarded by mu; when they were advertised
-	next      time.Time      // guarded by mu; next check
-	approved  bool           // guarded by mu
-	warned    bool           // guarded by mu
-	cidrs     []netip.Prefix // guarded by mu; cluster CIDRs
-	loginName string         // guarded by mu
-	status    *api.VPNStatus // guarded by mu; last status reported
+	advertised []netip.Prefix // pod CIDRs last advertised, with cidrs
+	adDone     bool           // advertised is in force
+	routes     []netip.Prefix // pod CIDRs whose approval is watched
+	since      time.Time      // when they were advertised
+	next       time.Time      // next check
+	approved   bool
+	warned     bool
+	cidrs      []netip.Prefix // cluster CIDRs
+	loginName  string
+	status     *api.VPNStatus // last status reported
 }
 
 func (c *Config) validateVPN() error {
@@ -89,88 +81,67 @@ func (c *Config) validateVPN() error {
 }
 
 // vpnUp joins the VPN before the cluster (the server may be reachable only
-// through it) and makes the node's VPN addresses its node IPs.
-func (a *Agent) vpnUp(ctx context.Context) error {
-	if a.cfg.VPN == nil {
-		return nil
-	}
+// through it); the node's VPN addresses become its node IPs.
+func vpnUp(ctx context.Context, cfg *Config, log *slog.Logger) (*vpnCarrier, error) {
 	start := time.Now()
-	st, err := a.cfg.VPN.Up(ctx)
+	st, err := cfg.VPN.Up(ctx)
 	if err != nil {
-		return fmt.Errorf("VPN %s: %w", a.cfg.VPN.Name(), err)
+		return nil, fmt.Errorf("VPN %s: %w", cfg.VPN.Name(), err)
 	}
 	addrs := slices.Clone(st.Addrs)
-	slices.SortFunc(addrs, func(x, y netip.Addr) int { return x.Compare(y) }) // IPv4 first
-	if len(a.cfg.NodeIPs) > 0 && !slices.Equal(a.cfg.NodeIPs, addrs) {
-		a.log.Warn("--node-ip is ignored: with --vpn-auth the node IPs are the node's VPN addresses", "nodeIP", a.cfg.NodeIPs, "vpnAddresses", addrs)
+	slices.SortFunc(addrs, netip.Addr.Compare) // IPv4 first
+	if len(cfg.NodeIPs) > 0 && !slices.Equal(cfg.NodeIPs, addrs) {
+		log.Warn("--node-ip is ignored: with --vpn-auth the node IPs are the node's VPN addresses", "nodeIP", cfg.NodeIPs, "vpnAddresses", addrs)
 	}
-	a.cfg.NodeIPs = addrs
-	a.vpn = &vpnCarrier{p: a.cfg.VPN, loginName: st.LoginName}
-	a.log.Info("VPN up; its addresses are the node IPs", "vpn", a.cfg.VPN.Name(), "addresses", addrs, "took", time.Since(start).Round(time.Millisecond))
-	return nil
+	cfg.NodeIPs = addrs
+	log.Info("VPN up; its addresses are the node IPs", "vpn", cfg.VPN.Name(), "addresses", addrs, "took", time.Since(start).Round(time.Millisecond))
+	return &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName}, nil
 }
 
-// setupVPN makes the node carry pod traffic over the VPN: it refuses a
-// cluster CIDR that another VPN node already routes, sets up the pod bridge
-// and CNI config, routes the cluster CIDRs to the VPN interface and
-// advertises the node's pod CIDRs. It runs after every join.
-func (a *Agent) setupVPN() error {
-	if a.vpn == nil {
-		return nil // --flannel-backend=none
+// recordKernelRoutes adds prefixes to the kernel routes the VPN record
+// lists, before they are routed: a crash must not orphan a route.
+func (v *vpnCarrier) recordKernelRoutes(prefixes []netip.Prefix) error {
+	saved, err := loadVPNState(v.statePath)
+	if err != nil {
+		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), vpnSetupTimeout)
+	merged := mergePrefixes(saved.KernelRoutes, prefixes)
+	if saved.Provider == v.p.Name() && slices.Equal(merged, saved.KernelRoutes) {
+		return nil
+	}
+	saved.Provider, saved.KernelRoutes = v.p.Name(), merged
+	return saveVPNState(v.statePath, saved)
+}
+
+// advertise makes the VPN route the node's pod CIDRs to it: it refuses a
+// cluster CIDR that another VPN node already routes (a fatalError: the
+// operator must choose), withdraws pod CIDRs Trellis advertised before
+// that are no longer the node's, and advertises the current ones. It asks
+// the VPN only when the pod CIDRs changed or the last try failed.
+func (l *loop) advertise(ctx context.Context, podCIDRs []netip.Prefix) error {
+	v := l.vpn
+	cidrs := l.nm.ClusterCIDRs
+	if v.adDone && slices.Equal(v.advertised, podCIDRs) && slices.Equal(v.cidrs, cidrs) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, vpnCallTimeout)
 	defer cancel()
-	p := a.vpn.p
+	p := v.p
 	st, err := p.State(ctx)
 	if err != nil {
 		return fmt.Errorf("VPN %s: %w", p.Name(), err)
 	}
-	if clash := foreignRoutes(st, a.cidrs, a.members); len(clash) > 0 {
-		return fmt.Errorf("VPN %s: %s, which overlaps this cluster's CIDR %s: another cluster (or another subnet router) uses the same range on this tailnet. Choose another --cluster-cidr for this cluster (on a new server), or stop that node advertising it",
-			p.Name(), strings.Join(clash, "; "), joinPrefixList(a.cidrs))
+	if clash := foreignRoutes(st, cidrs, l.members); len(clash) > 0 {
+		return &fatalError{fmt.Errorf("VPN %s: %s, which overlaps this cluster's CIDR %s: another cluster (or another subnet router) uses the same range on this tailnet. Choose another --cluster-cidr for this cluster (on a new server), or stop that node advertising it",
+			p.Name(), strings.Join(clash, "; "), joinPrefixList(cidrs))}
 	}
-
-	link, err := linkOfAddrs(st.Addrs)
-	if err != nil {
-		return fmt.Errorf("VPN %s: %w", p.Name(), err)
-	}
-	var gateways []netip.Prefix
-	v4, v6 := false, false
-	for _, pc := range a.self.PodCIDRs {
-		gateways = append(gateways, ipam.Gateway(pc))
-		v4 = v4 || pc.Addr().Is4()
-		v6 = v6 || pc.Addr().Is6()
-	}
-	mtu := link.Attrs().MTU
-	if err := cni.EnableForwarding(v4, v6); err != nil {
-		return err
-	}
-	if err := cni.EnsureBridge(a.cfg.Bridge, gateways, mtu); err != nil {
-		return err
-	}
-	if err := cni.Write(cni.Config{
-		Dir:         a.cfg.CNIConfDir,
-		Bridge:      a.cfg.Bridge,
-		PodCIDRs:    a.self.PodCIDRs,
-		MTU:         mtu,
-		IPAMDataDir: a.cfg.dir("cni-ipam"),
-	}); err != nil {
-		return err
-	}
-
-	saved, err := loadVPNState(a.cfg.dir(vpnStateFile))
+	saved, err := loadVPNState(v.statePath)
 	if err != nil {
 		return err
 	}
-	// Pod traffic for the cluster goes into the VPN even for nodes whose
-	// routes the VPN does not know (yet): it is dropped there instead of
-	// leaving in clear through the default route.
-	if err := routeToLink(link, a.cidrs); err != nil {
-		return fmt.Errorf("route the cluster CIDRs to %s: %w", link.Attrs().Name, err)
-	}
-	ours, stale := planAdvertise(saved.Advertised, st.Advertised, a.self.PodCIDRs)
-	next := vpnState{Provider: p.Name(), Advertised: append(slices.Clone(ours), stale...), KernelRoutes: mergePrefixes(saved.KernelRoutes, a.cidrs)}
-	if err := saveVPNState(a.cfg.dir(vpnStateFile), next); err != nil { // before the change: a crash must not orphan a route
+	ours, stale := planAdvertise(saved.Advertised, st.Advertised, podCIDRs)
+	next := vpnState{Provider: p.Name(), Advertised: append(slices.Clone(ours), stale...), KernelRoutes: mergePrefixes(saved.KernelRoutes, cidrs)}
+	if err := saveVPNState(v.statePath, next); err != nil { // before the change: a crash must not orphan a route
 		return err
 	}
 	if len(stale) > 0 {
@@ -178,25 +149,22 @@ func (a *Agent) setupVPN() error {
 			return fmt.Errorf("VPN %s: withdraw the node's old pod CIDRs %v: %w", p.Name(), stale, err)
 		}
 	}
-	if _, err := p.AdvertiseRoutes(ctx, a.self.PodCIDRs); err != nil {
-		return fmt.Errorf("VPN %s: advertise the pod CIDRs %v: %w", p.Name(), a.self.PodCIDRs, err)
+	if _, err := p.AdvertiseRoutes(ctx, podCIDRs); err != nil {
+		return fmt.Errorf("VPN %s: advertise the pod CIDRs %v: %w", p.Name(), podCIDRs, err)
 	}
 	next.Advertised = ours
-	if err := saveVPNState(a.cfg.dir(vpnStateFile), next); err != nil {
+	if err := saveVPNState(v.statePath, next); err != nil {
 		return err
 	}
-
-	v := a.vpn
-	v.mu.Lock()
-	if !slices.Equal(v.routes, a.self.PodCIDRs) || !v.approved {
-		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(a.self.PodCIDRs), time.Now(), time.Time{}, false, false
+	if !slices.Equal(v.routes, podCIDRs) || !v.approved {
+		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(podCIDRs), time.Now(), time.Time{}, false, false
 	}
-	v.cidrs = slices.Clone(a.cidrs)
+	v.cidrs = slices.Clone(cidrs)
 	if st.LoginName != "" {
 		v.loginName = st.LoginName
 	}
-	v.mu.Unlock()
-	a.log.Info("pods routed over the VPN", "vpn", p.Name(), "interface", link.Attrs().Name, "mtu", mtu, "podCIDRs", a.self.PodCIDRs, "clusterCIDRs", a.cidrs)
+	v.advertised, v.adDone = slices.Clone(podCIDRs), true
+	l.log.Info("pods routed over the VPN", "vpn", p.Name(), "interface", l.vpnLink.Name, "mtu", l.vpnLink.MTU, "podCIDRs", podCIDRs, "clusterCIDRs", cidrs)
 	return nil
 }
 
@@ -243,40 +211,28 @@ func foreignRoutes(st vpn.State, cidrs []netip.Prefix, members []api.Member) []s
 // vpnReport returns the VPN status for the next report, asking the VPN
 // whether the pod CIDR routes are approved when it is time to, and warning
 // once when they are not within the approval timeout.
-func (a *Agent) vpnReport(ctx context.Context, now time.Time) *api.VPNStatus {
-	v := a.vpn
-	if v == nil {
-		return nil
-	}
-	v.mu.Lock()
-	due := len(v.routes) > 0 && !now.Before(v.next)
-	if due {
+func (l *loop) vpnReport(ctx context.Context, now time.Time) *api.VPNStatus {
+	v := l.vpn
+	if len(v.routes) > 0 && !now.Before(v.next) {
 		v.next = now.Add(vpnCheckPending)
 		if v.approved {
 			v.next = now.Add(vpnCheckSettled)
 		}
-	}
-	v.mu.Unlock()
-	if due {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		st, err := v.p.State(cctx)
 		cancel()
 		if err != nil {
-			a.log.Debug("asking the VPN about the routes failed; will retry", "err", err)
+			l.log.Debug("asking the VPN about the routes failed; will retry", "err", err)
 		} else {
-			a.vpnObserve(st, now)
+			l.vpnObserve(st, now)
 		}
 	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
 	return v.status
 }
 
 // vpnObserve folds a VPN state into the carrier's status.
-func (a *Agent) vpnObserve(st vpn.State, now time.Time) {
-	v := a.vpn
-	v.mu.Lock()
-	defer v.mu.Unlock()
+func (l *loop) vpnObserve(st vpn.State, now time.Time) {
+	v := l.vpn
 	if st.LoginName != "" {
 		v.loginName = st.LoginName
 	}
@@ -287,14 +243,14 @@ func (a *Agent) vpnObserve(st vpn.State, now time.Time) {
 	s := &api.VPNStatus{Provider: v.p.Name(), Routes: slices.Clone(v.routes), RoutesApproved: approved}
 	switch {
 	case approved && !v.approved:
-		a.log.Info("the VPN approved the pod CIDR routes; pods on other nodes can reach this node's pods", "routes", v.routes, "after", now.Sub(v.since).Round(100*time.Millisecond))
+		l.log.Info("the VPN approved the pod CIDR routes; pods on other nodes can reach this node's pods", "routes", v.routes, "after", now.Sub(v.since).Round(100*time.Millisecond))
 	case !approved && v.approved:
-		a.log.Warn("the VPN no longer routes this node's pod CIDRs to it", "routes", v.routes, "approved", st.Approved)
+		l.log.Warn("the VPN no longer routes this node's pod CIDRs to it", "routes", v.routes, "approved", st.Approved)
 	}
-	if !approved && now.Sub(v.since) >= a.cfg.RouteApprovalTimeout {
+	if !approved && now.Sub(v.since) >= v.approvalTimeout {
 		s.Warning = unapprovedWarning(v.routes, now.Sub(v.since), v.cidrs, v.loginName)
 		if !v.warned {
-			a.log.Warn(s.Warning)
+			l.log.Warn(s.Warning)
 			v.warned = true
 		}
 	}
@@ -327,14 +283,11 @@ func AutoApproversStanza(cidrs []netip.Prefix, owner string) string {
 
 // vpnLeave withdraws the routes Trellis added to the VPN and to the kernel
 // (the node was deleted from the cluster).
-func (a *Agent) vpnLeave() {
-	if a.vpn == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), vpnSetupTimeout)
+func vpnLeave(ctx context.Context, dataDir string, p vpn.Provider, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, vpnCallTimeout)
 	defer cancel()
-	if err := CleanupVPN(ctx, a.cfg.DataDir, a.vpn.p, a.log); err != nil {
-		a.log.Error("withdrawing this node's routes from the VPN failed; run 'trellis cleanup' on the node", "err", err)
+	if err := CleanupVPN(ctx, dataDir, p, log); err != nil {
+		log.Error("withdrawing this node's routes from the VPN failed; run 'trellis cleanup' on the node", "err", err)
 	}
 }
 
@@ -361,7 +314,7 @@ func CleanupVPN(ctx context.Context, dataDir string, p vpn.Provider, log *slog.L
 			return fmt.Errorf("withdraw %v from VPN %s: %w", st.Advertised, p.Name(), err)
 		}
 	}
-	if err := unrouteFromLinks(st.KernelRoutes); err != nil {
+	if err := hostnet.UnrouteFromLinks(st.KernelRoutes); err != nil {
 		return fmt.Errorf("remove the routes of %v to the VPN interface: %w", st.KernelRoutes, err)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -393,56 +346,6 @@ func saveVPNState(path string, st vpnState) error {
 	}
 	if err := pki.WriteFileAtomic(path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save VPN route record: %w", err)
-	}
-	return nil
-}
-
-// linkOfAddrs returns the interface that holds one of addrs.
-func linkOfAddrs(addrs []netip.Addr) (netlink.Link, error) {
-	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		return nil, fmt.Errorf("list interface addresses: %w", err)
-	}
-	for _, la := range list {
-		ip, ok := netip.AddrFromSlice(la.IP)
-		if !ok || !slices.Contains(addrs, ip.Unmap()) {
-			continue
-		}
-		return netlink.LinkByIndex(la.LinkIndex)
-	}
-	return nil, fmt.Errorf("no interface holds the VPN addresses %s; is the VPN running in TUN mode (not userspace networking)?", joinAddrList(addrs))
-}
-
-// routeToLink routes each prefix to link in the main table, marked as the
-// agent's.
-func routeToLink(link netlink.Link, prefixes []netip.Prefix) error {
-	for _, p := range prefixes {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: netconv.IPNet(p.Masked()), Protocol: vpnRouteProto, Scope: netlink.SCOPE_LINK}
-		if err := netlink.RouteReplace(r); err != nil {
-			return fmt.Errorf("route %s to %s: %w", p, link.Attrs().Name, err)
-		}
-	}
-	return nil
-}
-
-// unrouteFromLinks removes the agent's routes of prefixes, wherever they
-// point.
-func unrouteFromLinks(prefixes []netip.Prefix) error {
-	for _, p := range prefixes {
-		family := netlink.FAMILY_V4
-		if p.Addr().Is6() {
-			family = netlink.FAMILY_V6
-		}
-		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Dst: netconv.IPNet(p.Masked()), Protocol: vpnRouteProto, Table: mainTable},
-			netlink.RT_FILTER_DST|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return err
-		}
-		for i := range routes {
-			if err := netlink.RouteDel(&routes[i]); err != nil && !errors.Is(err, syscall.ESRCH) {
-				return err
-			}
-		}
 	}
 	return nil
 }
