@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -22,6 +23,7 @@ const resubscribeAfter = time.Second
 // changed: the reader looks again. A lost subscription is made again, and
 // counts as a change, since events may have been missed.
 type Watcher struct {
+	ns   netns.NsHandle // the namespace watched (the caller's at Watch)
 	c    chan struct{}
 	done chan struct{}
 	wg   sync.WaitGroup
@@ -36,10 +38,14 @@ func Watch(log *slog.Logger, dirs ...string) (*Watcher, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	w := &Watcher{c: make(chan struct{}, 1), done: make(chan struct{}), log: log}
+	ns, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("watch the host: the current network namespace: %w", err)
+	}
+	w := &Watcher{ns: ns, c: make(chan struct{}, 1), done: make(chan struct{}), log: log}
 	subs := []struct {
 		what string
-		sub  func(done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error)
+		sub  func(ns *netns.NsHandle, done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error)
 	}{
 		{"links", subscribeLinks},
 		{"addresses", subscribeAddrs},
@@ -48,12 +54,17 @@ func Watch(log *slog.Logger, dirs ...string) (*Watcher, error) {
 	for _, s := range subs {
 		// The first subscription is made here, so that an error (no
 		// netlink) fails the start; later ones by the goroutine.
-		ended, err := s.sub(w.done, w.changed, w.failed(s.what))
+		// Later subscriptions run on other threads: they name the
+		// namespace.
+		sub := func(done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
+			return s.sub(&w.ns, done, changed, failed)
+		}
+		ended, err := sub(w.done, w.changed, w.failed(s.what))
 		if err != nil {
 			w.Close()
 			return nil, fmt.Errorf("watch %s: %w", s.what, err)
 		}
-		w.wg.Go(func() { w.keep(s.what, ended, s.sub) })
+		w.wg.Go(func() { w.keep(s.what, ended, sub) })
 	}
 	for _, dir := range dirs {
 		ended, err := watchDir(dir, w.done, w.changed)
@@ -75,8 +86,11 @@ func (w *Watcher) C() <-chan struct{} { return w.c }
 
 // Close stops the watcher and waits for its goroutines. It is idempotent.
 func (w *Watcher) Close() error {
-	w.once.Do(func() { close(w.done) })
-	w.wg.Wait()
+	w.once.Do(func() {
+		close(w.done)
+		w.wg.Wait()
+		w.ns.Close()
+	})
 	return nil
 }
 
@@ -139,25 +153,25 @@ func forward[T any](ch <-chan T, changed func()) <-chan struct{} {
 	return ended
 }
 
-func subscribeLinks(done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
+func subscribeLinks(ns *netns.NsHandle, done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
 	ch := make(chan netlink.LinkUpdate, 64)
-	if err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{ErrorCallback: failed}); err != nil {
+	if err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: ns, ErrorCallback: failed}); err != nil {
 		return nil, err
 	}
 	return forward(ch, changed), nil
 }
 
-func subscribeAddrs(done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
+func subscribeAddrs(ns *netns.NsHandle, done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
 	ch := make(chan netlink.AddrUpdate, 64)
-	if err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{ErrorCallback: failed}); err != nil {
+	if err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{Namespace: ns, ErrorCallback: failed}); err != nil {
 		return nil, err
 	}
 	return forward(ch, changed), nil
 }
 
-func subscribeRoutes(done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
+func subscribeRoutes(ns *netns.NsHandle, done <-chan struct{}, changed func(), failed func(error)) (<-chan struct{}, error) {
 	ch := make(chan netlink.RouteUpdate, 64)
-	if err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{ErrorCallback: failed}); err != nil {
+	if err := netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: ns, ErrorCallback: failed}); err != nil {
 		return nil, err
 	}
 	return forward(ch, changed), nil
