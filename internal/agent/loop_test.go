@@ -21,6 +21,7 @@ import (
 	"github.com/trellis-mesh/trellis/internal/cni"
 	"github.com/trellis-mesh/trellis/internal/hostnet"
 	"github.com/trellis-mesh/trellis/internal/mesh/meshtest"
+	"github.com/trellis-mesh/trellis/internal/vpn"
 )
 
 // fakeSource is a Source fed by the test.
@@ -113,6 +114,11 @@ var (
 
 type nodeOption func(*Config, *loopConfig)
 
+// withVPN makes the node's pods ride VPN p instead of WireGuard.
+func withVPN(p vpn.Provider) nodeOption {
+	return func(c *Config, _ *loopConfig) { c.DataPlane, c.VPN = false, p }
+}
+
 // startNode runs an agent with fakes until the test ends.
 func startNode(t *testing.T, opts ...nodeOption) *node {
 	t.Helper()
@@ -144,11 +150,18 @@ func startNode(t *testing.T, opts ...nodeOption) *node {
 	if err := n.cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	n.a = newAgent(n.cfg, n.cfg.Logger, nil, ownKey, deps{source: n.src, device: n.dev, host: n.host})
+	d := deps{source: n.src, device: n.dev, host: n.host}
+	var vc *vpnCarrier
+	if n.cfg.VPN != nil {
+		d.device = nil
+		n.host.SetVPNLink(hostnet.Link{Name: "tailscale0", Index: 7, MTU: 1280})
+		vc = &vpnCarrier{p: n.cfg.VPN, addrs: []netip.Addr{netip.MustParseAddr("100.64.0.5")}, statePath: n.cfg.dir(vpnStateFile), approvalTimeout: time.Hour}
+	}
+	n.a = newAgent(n.cfg, n.cfg.Logger, vc, ownKey, d)
 	n.a.loop.tick, n.a.loop.watchTick, n.a.loop.resync = lc.tick, lc.watchTick, lc.resync
 	ctx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
-	go func() { n.done <- n.a.run(ctx, deps{source: n.src, device: n.dev, host: n.host}) }()
+	go func() { n.done <- n.a.run(ctx, d) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-n.done; err != nil {
