@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
@@ -49,9 +50,19 @@ type ClientConfig struct {
 	// StatusPort is the loopback port of the agent's status endpoint. It
 	// is always reachable through the tunnel; 0 means none.
 	StatusPort int
-	// AllowPorts are the other loopback ports the server may reach
-	// (--tunnel-allow-port).
+	// AllowPorts are the other ports the server may reach, on the
+	// loopback and on the node's own addresses (--tunnel-allow-port).
 	AllowPorts []int
+	// KubeletPort is the kubelet's port, which the server may reach on the
+	// node's own addresses (kube-apiserver's logs, exec, port-forward);
+	// 0 means none.
+	KubeletPort int
+	// Destinations, if set, returns the node's own addresses (where the
+	// kubelet and the allowed ports are reached) and its pod CIDRs (whose
+	// addresses are reached at any port: port-forward to a pod, the
+	// API server's pod and service proxy). It is asked at every stream.
+	// Nil allows the loopback only.
+	Destinations func() (own []netip.Addr, pods []netip.Prefix)
 	// Timing sets the keepalives; zero fields get the defaults.
 	Timing Timing
 	// BackoffMin and BackoffMax bound the wait between attempts, which
@@ -79,7 +90,7 @@ func (c *ClientConfig) Validate() error {
 	if c.TLSConfig == nil {
 		return errors.New("tunnel: TLSConfig is required")
 	}
-	for _, p := range append([]int{c.StatusPort}, c.AllowPorts...) {
+	for _, p := range append([]int{c.StatusPort, c.KubeletPort}, c.AllowPorts...) {
 		if p < 0 || p > 65535 {
 			return fmt.Errorf("tunnel: port %d is out of range 1-65535", p)
 		}
@@ -96,10 +107,34 @@ func (c *ClientConfig) Validate() error {
 	return nil
 }
 
-// Allowed reports whether the tunnel may reach port: the status port and
-// the allowed ports.
+// Allowed reports whether the tunnel may reach port on the loopback: the
+// status port and the allowed ports.
 func (c *ClientConfig) Allowed(port int) bool {
 	return port > 0 && (port == c.StatusPort || slices.Contains(c.AllowPorts, port))
+}
+
+// allowedAddr says whether the tunnel may reach addr:port (addr not the
+// loopback), and if not, why, in a sentence for the server's caller: the
+// node's own addresses at the kubelet port and the allowed ports, and the
+// addresses of its pods at any port. Nothing else: the tunnel is not a
+// way into the node's networks.
+func (c *ClientConfig) allowedAddr(addr netip.Addr, port int) (bool, string) {
+	var own []netip.Addr
+	var pods []netip.Prefix
+	if c.Destinations != nil {
+		own, pods = c.Destinations()
+	}
+	switch {
+	case slices.Contains(own, addr):
+		if port > 0 && (port == c.KubeletPort || slices.Contains(c.AllowPorts, port)) {
+			return true, ""
+		}
+		return false, fmt.Sprintf("port %d of node %s's address %s is not open to the tunnel (the kubelet's port %d and --tunnel-allow-port are); to open it, restart that node's agent with --tunnel-allow-port=%d",
+			port, c.NodeName, addr, c.KubeletPort, port)
+	case slices.ContainsFunc(pods, func(p netip.Prefix) bool { return p.Contains(addr) }):
+		return true, ""
+	}
+	return false, fmt.Sprintf("%s is neither an address of node %s nor of its pods; the tunnel reaches only those", addr, c.NodeName)
 }
 
 // connectURL returns the websocket URL of the connect path.
@@ -283,28 +318,43 @@ func connectError(resp *http.Response, err error) error {
 	return fmt.Errorf("server refused the tunnel (%s): %w", resp.Status, err)
 }
 
-// serveStream answers one stream: checks its port and splices it to the
-// loopback port.
+// serveStream answers one stream: checks its destination and splices it to
+// the connection to it.
 func (c *Client) serveStream(st *yamux.Stream) {
 	_ = st.SetDeadline(time.Now().Add(requestTimeout))
-	port, err := readRequest(st)
+	addr, port, err := readRequest(st)
 	if err != nil {
 		_, _ = st.Write(encodeReply(StatusBadRequest, err.Error()))
 		_ = st.Close()
 		return
 	}
-	if !c.cfg.Allowed(port) {
-		c.log.Info("tunnel refused a port that is not allowed", "port", port)
-		_, _ = st.Write(encodeReply(StatusNotAllowed, fmt.Sprintf(
-			"port %d is not open to the tunnel on node %s; to open it, restart that node's agent with --tunnel-allow-port=%d",
-			port, c.cfg.NodeName, port)))
-		_ = st.Close()
-		return
+	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
+	switch {
+	case !addr.IsValid() || addr.IsLoopback():
+		if !c.cfg.Allowed(port) {
+			c.log.Info("tunnel refused a port that is not allowed", "port", port)
+			_, _ = st.Write(encodeReply(StatusNotAllowed, fmt.Sprintf(
+				"port %d is not open to the tunnel on node %s; to open it, restart that node's agent with --tunnel-allow-port=%d",
+				port, c.cfg.NodeName, port)))
+			_ = st.Close()
+			return
+		}
+		if addr.IsValid() {
+			dst = netip.AddrPortFrom(addr, uint16(port))
+		}
+	default:
+		if ok, why := c.cfg.allowedAddr(addr, port); !ok {
+			c.log.Info("tunnel refused a destination that is not allowed", "address", addr, "port", port)
+			_, _ = st.Write(encodeReply(StatusNotAllowed, why))
+			_ = st.Close()
+			return
+		}
+		dst = netip.AddrPortFrom(addr, uint16(port))
 	}
-	local, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), localDialTimeout)
+	local, err := net.DialTimeout("tcp", dst.String(), localDialTimeout)
 	if err != nil {
 		_, _ = st.Write(encodeReply(StatusUnreachable, fmt.Sprintf(
-			"nothing accepts connections on 127.0.0.1:%d on node %s (%v); is the service running?", port, c.cfg.NodeName, err)))
+			"nothing accepts connections on %s on node %s (%v); is the service running?", dst, c.cfg.NodeName, err)))
 		_ = st.Close()
 		return
 	}

@@ -5,12 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"unicode/utf8"
 )
 
-// The stream header. The server opens a stream and writes a request:
+// The stream header. The server opens a stream and writes a request for a
+// port on the node's loopback:
 //
 //	magic 'T' (0x54) | version 1 | port (uint16, big endian)
+//
+// or, for another of the node's addresses (its kubelet on the node IP, a
+// pod's address), version 2 with the address:
+//
+//	magic 'T' | version 2 | port (uint16) | family (4 or 6) | address (4 or 16 bytes)
+//
+// Version 1 is what agents before version 2 understand; a server sends it
+// for loopback so that they keep working.
 //
 // The agent answers with a reply before any payload:
 //
@@ -19,9 +29,12 @@ import (
 // A stream whose reply is not StatusOK is closed by the agent after the
 // reply.
 const (
-	requestMagic   = 'T'
-	requestVersion = 1
-	requestLen     = 4
+	requestMagic = 'T'
+	// requestLoopback and requestAddr are the versions of a request for
+	// the loopback and for an address.
+	requestLoopback = 1
+	requestAddr     = 2
+	requestLen      = 4 // magic, version, port
 	// maxReplyMessage bounds the reply's message.
 	maxReplyMessage = 1024
 )
@@ -58,41 +71,71 @@ func (s Status) String() string {
 	return fmt.Sprintf("status %d", uint8(s))
 }
 
-// encodeRequest returns the request header for port.
-func encodeRequest(port int) ([]byte, error) {
+// encodeRequest returns the request header for addr:port on the node;
+// an invalid addr means the loopback.
+func encodeRequest(addr netip.Addr, port int) ([]byte, error) {
 	if port < 1 || port > 65535 {
 		return nil, fmt.Errorf("port %d is out of range 1-65535", port)
 	}
-	b := []byte{requestMagic, requestVersion, 0, 0}
+	addr = addr.Unmap()
+	if !addr.IsValid() {
+		b := []byte{requestMagic, requestLoopback, 0, 0}
+		binary.BigEndian.PutUint16(b[2:], uint16(port))
+		return b, nil
+	}
+	if addr.Zone() != "" {
+		return nil, fmt.Errorf("address %s has a zone; only global addresses go through the tunnel", addr)
+	}
+	b := []byte{requestMagic, requestAddr, 0, 0, 4}
 	binary.BigEndian.PutUint16(b[2:], uint16(port))
-	return b, nil
+	if addr.Is6() {
+		b[4] = 6
+	}
+	return append(b, addr.AsSlice()...), nil
 }
 
-// parseRequest parses a request header.
-func parseRequest(b []byte) (int, error) {
-	if len(b) != requestLen {
-		return 0, fmt.Errorf("stream request is %d bytes, want %d", len(b), requestLen)
+// readRequest reads and parses a request header: the address (invalid
+// for the loopback) and the port.
+func readRequest(r io.Reader) (netip.Addr, int, error) {
+	var b [requestLen]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return netip.Addr{}, 0, fmt.Errorf("read stream request: %w", err)
 	}
 	if b[0] != requestMagic {
-		return 0, fmt.Errorf("stream request starts with 0x%02x, want 0x%02x", b[0], requestMagic)
+		return netip.Addr{}, 0, fmt.Errorf("stream request starts with 0x%02x, want 0x%02x", b[0], requestMagic)
 	}
-	if b[1] != requestVersion {
-		return 0, fmt.Errorf("stream request version %d is not supported (want %d): upgrade the older of server and agent", b[1], requestVersion)
+	if b[1] != requestLoopback && b[1] != requestAddr {
+		return netip.Addr{}, 0, fmt.Errorf("stream request version %d is not supported (want %d or %d): upgrade the older of server and agent", b[1], requestLoopback, requestAddr)
 	}
 	port := int(binary.BigEndian.Uint16(b[2:]))
 	if port == 0 {
-		return 0, errors.New("stream request names port 0")
+		return netip.Addr{}, 0, errors.New("stream request names port 0")
 	}
-	return port, nil
-}
-
-// readRequest reads and parses a request header.
-func readRequest(r io.Reader) (int, error) {
-	var b [requestLen]byte
-	if _, err := io.ReadFull(r, b[:]); err != nil {
-		return 0, fmt.Errorf("read stream request: %w", err)
+	if b[1] == requestLoopback {
+		return netip.Addr{}, port, nil
 	}
-	return parseRequest(b[:])
+	var fam [1]byte
+	if _, err := io.ReadFull(r, fam[:]); err != nil {
+		return netip.Addr{}, 0, fmt.Errorf("read stream request address: %w", err)
+	}
+	var n int
+	switch fam[0] {
+	case 4:
+		n = 4
+	case 6:
+		n = 16
+	default:
+		return netip.Addr{}, 0, fmt.Errorf("stream request address family %d is not 4 or 6", fam[0])
+	}
+	raw := make([]byte, n)
+	if _, err := io.ReadFull(r, raw); err != nil {
+		return netip.Addr{}, 0, fmt.Errorf("read stream request address: %w", err)
+	}
+	addr, _ := netip.AddrFromSlice(raw)
+	if addr.Is4In6() {
+		return netip.Addr{}, 0, fmt.Errorf("stream request address %s is an IPv4-mapped IPv6 address; send it as IPv4", addr)
+	}
+	return addr, port, nil
 }
 
 // encodeReply returns a reply; msg is cut to maxReplyMessage bytes.

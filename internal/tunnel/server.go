@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -219,7 +220,18 @@ func (s *Server) Forget(node string) {
 // and with a *DialError if the node refuses the port or cannot reach it.
 // ctx bounds the set-up only, not the connection.
 func (s *Server) Dial(ctx context.Context, node string, port int) (net.Conn, error) {
-	req, err := encodeRequest(port)
+	if port < 1 || port > 65535 {
+		return nil, fmt.Errorf("dial node %s: port %d is out of range 1-65535", node, port)
+	}
+	return s.DialAddr(ctx, node, netip.AddrPortFrom(netip.Addr{}, uint16(port)))
+}
+
+// DialAddr is Dial to another address of the node (its node IP, a pod's
+// address); an invalid address means the loopback. The node decides what
+// it lets the tunnel reach (ClientConfig.Destinations).
+func (s *Server) DialAddr(ctx context.Context, node string, dst netip.AddrPort) (net.Conn, error) {
+	port := int(dst.Port())
+	req, err := encodeRequest(dst.Addr(), port)
 	if err != nil {
 		return nil, fmt.Errorf("dial node %s: %w", node, err)
 	}

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -98,7 +99,7 @@ func startClient(t *testing.T, url string, pool *x509.CertPool, node string, all
 
 func startClientTiming(t *testing.T, timing Timing, url string, pool *x509.CertPool, node string, allow ...int) *Client {
 	t.Helper()
-	c, err := NewClient(ClientConfig{
+	return startClientConfig(t, ClientConfig{
 		ServerURL:  url,
 		NodeName:   node,
 		TLSConfig:  func() (*tls.Config, error) { return &tls.Config{RootCAs: pool}, nil },
@@ -109,6 +110,12 @@ func startClientTiming(t *testing.T, timing Timing, url string, pool *x509.CertP
 		BackoffMax: 200 * time.Millisecond,
 		Logger:     discard,
 	})
+}
+
+func startClientConfig(t *testing.T, cfg ClientConfig) *Client {
+	t.Helper()
+	node := cfg.NodeName
+	c, err := NewClient(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -648,5 +655,68 @@ func TestWebsocketConnHalfClose(t *testing.T) {
 	got, err = io.ReadAll(client)
 	if err != nil || string(got) != "response" {
 		t.Fatalf("client read %q, %v", got, err)
+	}
+}
+
+func TestAllowedAddr(t *testing.T) {
+	own := []netip.Addr{netip.MustParseAddr("10.1.0.5"), netip.MustParseAddr("2001:db8::5")}
+	pods := []netip.Prefix{netip.MustParsePrefix("10.42.3.0/24")}
+	c := ClientConfig{NodeName: "home1", KubeletPort: 10250, AllowPorts: []int{9100}, Destinations: func() ([]netip.Addr, []netip.Prefix) { return own, pods }}
+	for _, tc := range []struct {
+		addr string
+		port int
+		ok   bool
+		why  string
+	}{
+		{"10.1.0.5", 10250, true, ""},
+		{"2001:db8::5", 10250, true, ""},
+		{"10.1.0.5", 9100, true, ""},
+		{"10.1.0.5", 22, false, "--tunnel-allow-port=22"},
+		{"10.42.3.17", 8080, true, ""},
+		{"10.42.4.17", 8080, false, "neither an address of node home1 nor of its pods"},
+		{"10.1.0.6", 10250, false, "neither an address"},
+		{"192.0.2.1", 443, false, "neither an address"},
+	} {
+		ok, why := c.allowedAddr(netip.MustParseAddr(tc.addr), tc.port)
+		if ok != tc.ok || !strings.Contains(why, tc.why) {
+			t.Errorf("%s:%d: %v %q, want %v and a reason with %q", tc.addr, tc.port, ok, why, tc.ok, tc.why)
+		}
+	}
+	if ok, _ := (&ClientConfig{KubeletPort: 10250}).allowedAddr(own[0], 10250); ok {
+		t.Error("a client without Destinations reaches an address")
+	}
+}
+
+// TestDialAddrRefusals checks, through a real tunnel, that a node refuses
+// addresses that are not its own or its pods', and ports of its own
+// addresses that are not open, with a reason for the caller.
+func TestDialAddrRefusals(t *testing.T) {
+	ts := startServer(t, nil)
+	echo := echoServer(t)
+	startClientConfig(t, ClientConfig{
+		ServerURL: ts.url, NodeName: "a", Timing: loadTiming, Logger: discard,
+		TLSConfig:   func() (*tls.Config, error) { return &tls.Config{RootCAs: ts.pool}, nil },
+		AllowPorts:  []int{echo},
+		KubeletPort: 10250,
+		Destinations: func() ([]netip.Addr, []netip.Prefix) {
+			return []netip.Addr{netip.MustParseAddr("10.1.0.5")}, []netip.Prefix{netip.MustParsePrefix("10.42.3.0/24")}
+		},
+	})
+	waitUntil(t, 5*time.Second, "tunnel of a up", connected(ts.Server, "a"))
+	ctx := context.Background()
+	for _, dst := range []string{"192.0.2.9:10250", "10.42.9.1:80", "10.1.0.5:22"} {
+		_, err := ts.DialAddr(ctx, "a", netip.MustParseAddrPort(dst))
+		var de *DialError
+		if !errors.As(err, &de) || de.Status != StatusNotAllowed {
+			t.Errorf("dial %s: got %v, want a refusal", dst, err)
+		}
+	}
+	// The loopback by address is the loopback: the allowed ports only.
+	conn, err := ts.DialAddr(ctx, "a", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(echo)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(conn, []byte("hello")); err != nil {
+		t.Fatal(err)
 	}
 }
