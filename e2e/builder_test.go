@@ -119,9 +119,10 @@ type startConfig struct {
 // add --kubeconfig.
 type startHook func(m *member, cfg *startConfig)
 
-// withClusterCIDR sets the servers' --cluster-cidr (default clusterCIDR;
-// with an IPv6 range the cluster is dual-stack: attachPod records each
-// pod's IPv6 address, and checkPods and firstPackets use both families).
+// withClusterCIDR sets the servers' --cluster-cidr (default clusterCIDR).
+// Given to newCluster with an IPv6 range, it makes the cluster dual-stack:
+// attachPod records each pod's IPv6 address, and checkPods and
+// firstPackets use both families.
 func withClusterCIDR(cidrs string) option { return func(s *startConfig) { s.cidr = cidrs } }
 
 // withServerFlags replaces the data-plane flags servers get after the
