@@ -53,11 +53,11 @@ type cluster struct {
 	t        *testing.T
 	lab      *Lab
 	bin      string
-	defaults []option // applied to every start, before the start's own
-	dual     bool     // the cluster CIDR has an IPv6 range: pods get both families
-	server   *member  // the server the agents join and the CLI runs on
-	token    string   // the server's full join token
-	mu       sync.Mutex
+	defaults []option   // applied to every start, before the start's own
+	dual     bool       // the cluster CIDR has an IPv6 range: pods get both families
+	server   *member    // the server the agents join and the CLI runs on
+	token    string     // the server's full join token
+	mu       sync.Mutex // guards members and the members' pod6
 	members  []*member
 	timings  []string // for the summary: time from start to first packets
 }
