@@ -145,13 +145,8 @@ func TestCheckHealthyMetricsAndMTUBlackHole(t *testing.T) {
 	c3 := lab.Cloud("cloud3", "192.0.2.30/24", "10.3.0.30/24")
 
 	// The server's metrics (its own node's too) on its loopback.
-	srv := c.newMember(c1, api.RoleServer)
-	args := append([]string{c.bin, "server"}, srv.nodeArgs()...)
-	srv.proc = c1.Start(append(args, "--flannel-backend=wireguard-native", "--flannel-external-ip",
-		"--token", serverSecret, "--cluster-cidr", clusterCIDR, "--metrics-address", "127.0.0.1:10252")...)
-	c.server = srv
-	c.waitToken()
-	a2 := c.startAgentWith(c2, "--node-ip", c2.LANIP.String(), "--node-external-ip", c2.PublicIP.String(), "--metrics-address", "127.0.0.1:10252")
+	srv := c.startServer(c1, withMetrics("127.0.0.1:10252"))
+	a2 := c.startAgent(c2, withMetrics("127.0.0.1:10252"))
 	a3 := c.startAgent(c3)
 	nodes := c.waitNodes(srv, a2, a3)
 
@@ -368,11 +363,7 @@ func TestCheckBlockedPairAndCleanup(t *testing.T) {
 	inet.nft(`add rule inet e2e forward ip saddr 203.0.113.20 ip daddr 192.0.2.30 udp dport 51820 drop
 add rule inet e2e forward ip saddr 192.0.2.30 ip daddr 203.0.113.20 udp dport 51820 drop`)
 
-	srv := c.newMember(c1, api.RoleServer)
-	args := append([]string{c.bin, "server"}, srv.nodeArgs()...)
-	srv.proc = c1.Start(append(args, "--disable-agent", "--token", serverSecret, "--cluster-cidr", clusterCIDR)...)
-	c.server = srv
-	c.waitToken()
+	c.startServer(c1, withServerFlags("--disable-agent"))
 	a2 := c.startAgent(c2)
 	a3 := c.startAgent(c3)
 
@@ -396,9 +387,9 @@ add rule inet e2e forward ip saddr 192.0.2.30 ip daddr 203.0.113.20 udp dport 51
 	cfgDir := lab.TempDir("cloud4-etc")
 	cfg := filepath.Join(cfgDir, "config.yaml")
 	writeFile(t, cfg, fmt.Sprintf("server: https://%s\ntoken: %s\ndata-dir: %s\nnode-name: cloud4\ncni-conf-dir: %s\n",
-		netip.AddrPortFrom(c1.PublicIP, 6443), c.token, a4.dataDir, a4.cniDir))
+		netip.AddrPortFrom(c1.PublicIP, serverPort), c.token, a4.dataDir, a4.cniDir))
 	writeFile(t, cfg+".d/10-addresses.yaml", fmt.Sprintf("node-ip: %s\nnode-external-ip:\n  - %s\n", c4.LANIP, c4.PublicIP))
-	a4.proc = c4.Start(c.bin, "agent", "--config", cfg)
+	c.start(a4, flagsOnly("--config", cfg))
 	c.waitNodes(a2, a3, a4)
 
 	start := time.Now()

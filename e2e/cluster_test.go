@@ -3,11 +3,8 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -16,290 +13,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/api"
 )
-
-// Constants of the CLI contract the tests run against.
-const (
-	clusterCIDR  = "10.42.0.0/16"
-	wgIface      = "trellis-wg"
-	conflistName = "10-trellis.conflist"
-	serverSecret = "e2e-secret"
-
-	// joinTimeout bounds a node's join and the first configuration of its
-	// data plane.
-	joinTimeout = 60 * time.Second
-	// meshTimeout bounds the time until packets pass between two pods once
-	// both nodes have joined.
-	meshTimeout = 30 * time.Second
-)
-
-// cluster is a Trellis cluster in a lab: one server and agents, each a
-// member with its own data and CNI configuration directories and a pod.
-type cluster struct {
-	t       *testing.T
-	lab     *Lab
-	bin     string
-	server  *member
-	token   string // the server's full join token
-	mu      sync.Mutex
-	members []*member
-	timings []string // for the summary: time from start to first packets
-}
-
-// member is one trellis process on a node.
-type member struct {
-	*Node
-	role    string // api.RoleServer or api.RoleAgent
-	proc    *Proc
-	dataDir string
-	cniDir  string
-	pod     *Pod
-}
-
-func newCluster(t *testing.T, lab *Lab) *cluster {
-	c := &cluster{t: t, lab: lab, bin: trellisBinary(t)}
-	// Registered after the lab's clean-up, so it runs first, while the
-	// processes still run.
-	t.Cleanup(func() {
-		if t.Failed() {
-			c.diagnose()
-		}
-	})
-	return c
-}
-
-func (c *cluster) newMember(n *Node, role string) *member {
-	m := &member{Node: n, role: role, dataDir: c.lab.TempDir(n.Name + "-data"), cniDir: c.lab.TempDir(n.Name + "-cni")}
-	c.mu.Lock()
-	c.members = append(c.members, m)
-	c.mu.Unlock()
-	return m
-}
-
-// nodeArgs are the flags every trellis node gets.
-func (m *member) nodeArgs() []string {
-	args := []string{
-		"--data-dir", m.dataDir,
-		"--node-name", m.Name,
-		"--node-ip", m.LANIP.String(),
-		"--node-external-ip", m.PublicIP.String(),
-		"--cni-conf-dir", m.cniDir,
-	}
-	return append(args, logArgs()...)
-}
-
-// logArgs are the logging flags of trellis processes: TRELLIS_E2E_LOG_LEVEL
-// (debug, info, warn, error) sets --log-level.
-func logArgs() []string {
-	if level := os.Getenv("TRELLIS_E2E_LOG_LEVEL"); level != "" {
-		return []string{"--log-level", level}
-	}
-	return nil
-}
-
-// startServer starts the server on n and waits for its join token.
-func (c *cluster) startServer(n *Node) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleServer)
-	args := append([]string{c.bin, "server"}, m.nodeArgs()...)
-	args = append(args,
-		"--flannel-backend=wireguard-native", "--flannel-external-ip",
-		"--token", serverSecret, "--cluster-cidr", clusterCIDR, "--https-listen-port", "6443")
-	m.proc = n.Start(args...)
-	c.server = m
-	tokenFile := filepath.Join(m.dataDir, "server", "token")
-	WaitFor(c.t, joinTimeout, "the server to write its join token to "+tokenFile, func() error {
-		if err := m.proc.Err(); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(tokenFile)
-		if err != nil {
-			return err
-		}
-		tok := strings.TrimSpace(string(b))
-		if !strings.HasPrefix(tok, "K10") || !strings.HasSuffix(tok, "::server:"+serverSecret) {
-			return fmt.Errorf("want K10<sha256>::server:%s, got %q", serverSecret, tok)
-		}
-		c.token = tok
-		return nil
-	})
-	return m
-}
-
-// startAgent starts an agent on n that joins the server.
-func (c *cluster) startAgent(n *Node) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleAgent)
-	args := append([]string{c.bin, "agent",
-		"--server", "https://" + netip.AddrPortFrom(c.server.PublicIP, 6443).String(),
-		"--token", c.token}, m.nodeArgs()...)
-	m.proc = n.Start(args...)
-	return m
-}
-
-// adminConfig is the admin credentials file the server writes.
-func (c *cluster) adminConfig() string {
-	return filepath.Join(c.server.dataDir, "server", "admin.yaml")
-}
-
-// nodes runs `trellis nodes -o json` on the server's machine.
-func (c *cluster) nodes() (map[string]api.Node, error) {
-	out, err := c.lab.Output(c.server.NS, c.bin, "nodes", "--admin-config", c.adminConfig(), "-o", "json")
-	if err != nil {
-		return nil, err
-	}
-	var list []api.Node
-	if err := json.Unmarshal([]byte(out), &list); err != nil {
-		return nil, fmt.Errorf("trellis nodes -o json: %w; output: %q", err, out)
-	}
-	byName := map[string]api.Node{}
-	for _, n := range list {
-		byName[n.Name] = n
-	}
-	return byName, nil
-}
-
-// waitNodes waits until `trellis nodes` lists exactly the given members,
-// all ready, and returns the listing.
-func (c *cluster) waitNodes(ms ...*member) map[string]api.Node {
-	c.t.Helper()
-	var want []string
-	for _, m := range ms {
-		want = append(want, m.Name)
-	}
-	slices.Sort(want)
-	var nodes map[string]api.Node
-	WaitFor(c.t, joinTimeout, fmt.Sprintf("trellis nodes to list exactly %v, all ready", want), func() error {
-		for _, m := range ms {
-			if err := m.proc.Err(); err != nil {
-				return err
-			}
-		}
-		var err error
-		if nodes, err = c.nodes(); err != nil {
-			return err
-		}
-		var got, notReady []string
-		for name, n := range nodes {
-			got = append(got, name)
-			if !n.Ready {
-				notReady = append(notReady, name)
-			}
-		}
-		slices.Sort(got)
-		if !slices.Equal(got, want) {
-			return fmt.Errorf("listed %v", got)
-		}
-		if len(notReady) > 0 {
-			return fmt.Errorf("not ready: %v", notReady)
-		}
-		return nil
-	})
-	return nodes
-}
-
-// attachPod waits for m's CNI configuration, attaches a pod with it and
-// starts an echo server in the pod.
-func (c *cluster) attachPod(m *member) {
-	c.t.Helper()
-	m.pod = m.MustAddPod(c.waitCNIConfig(m))
-	if err := m.pod.ServeEcho(); err != nil {
-		c.t.Fatalf("echo server in %s's pod: %v", m.Name, err)
-	}
-}
-
-// waitCNIConfig waits until m's agent has written its CNI configuration
-// (it does once the node has joined and its data plane is up) and returns
-// its path.
-func (c *cluster) waitCNIConfig(m *member) string {
-	c.t.Helper()
-	conflist := filepath.Join(m.cniDir, conflistName)
-	WaitFor(c.t, joinTimeout, m.Name+"'s agent to write "+conflist, func() error {
-		if err := m.proc.Err(); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(conflist)
-		if err != nil {
-			return err
-		}
-		if !json.Valid(b) {
-			return fmt.Errorf("not valid JSON: %q", b)
-		}
-		return nil
-	})
-	return conflist
-}
-
-// checkPods checks that every pod of from reaches every pod of to (other
-// than itself) with ICMP and TCP within timeout, all pairs at once, and
-// fails the test listing every pair that does not.
-func (c *cluster) checkPods(what string, from, to []*member, timeout time.Duration) {
-	c.t.Helper()
-	var mu sync.Mutex
-	var failures []string
-	var wg sync.WaitGroup
-	for _, a := range from {
-		for _, b := range to {
-			if a == b {
-				continue
-			}
-			wg.Go(func() {
-				err := Poll(timeout, func() error { return a.pod.Ping(b.pod.IP) })
-				if err == nil {
-					err = Poll(timeout, func() error { return a.pod.TCPEcho(b.pod.IP) })
-				}
-				if err != nil {
-					mu.Lock()
-					failures = append(failures, fmt.Sprintf("%s → %s: %v", a.Name, b.Name, err))
-					mu.Unlock()
-				}
-			})
-		}
-	}
-	wg.Wait()
-	if len(failures) > 0 {
-		slices.Sort(failures)
-		c.t.Fatalf("%s: want every pod to reach every other pod (ping and TCP) within %v; %d pairs do not:\n%s",
-			what, timeout, len(failures), strings.Join(failures, "\n"))
-	}
-}
-
-// firstPackets measures, for each of ms, the time from its process's start
-// to the first ping from its pod that gets through to each pod of peers.
-// It records the times for the summary and returns the pairs that do not
-// get through within joinTimeout.
-func (c *cluster) firstPackets(event string, ms, peers []*member) []string {
-	var mu sync.Mutex
-	var failures []string
-	var wg sync.WaitGroup
-	for _, m := range ms {
-		start := m.proc.StartedAt()
-		for _, p := range peers {
-			if p == m {
-				continue
-			}
-			wg.Go(func() {
-				err := Poll(joinTimeout, func() error { return m.pod.Ping(p.pod.IP) })
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					failures = append(failures, fmt.Sprintf("%s → %s: %v", m.Name, p.Name, err))
-					return
-				}
-				c.timings = append(c.timings, fmt.Sprintf("%-16s %-7s → %-7s %6.2fs", event, m.Name, p.Name, time.Since(start).Seconds()))
-			})
-		}
-	}
-	wg.Wait()
-	return failures
-}
-
-// wgShow returns m's WireGuard device.
-func (m *member) wgShow() (WGDevice, error) {
-	if err := m.proc.Err(); err != nil {
-		return WGDevice{}, err
-	}
-	return m.proc.WGShow(wgIface)
-}
 
 // checkPeers checks that each of ms has exactly the others as WireGuard
 // peers, with their listed public keys and, since every member is in a
@@ -334,29 +47,6 @@ func (c *cluster) checkPeers(t *testing.T, ms []*member, nodes map[string]api.No
 	}
 }
 
-// diagnose logs each member's WireGuard device, addresses and routes, and
-// the node list.
-func (c *cluster) diagnose() {
-	for _, m := range c.members {
-		var b strings.Builder
-		fmt.Fprintf(&b, "==== %s (%s, pid %d, running %v)\n", m.Name, m.role, m.proc.Pid(), m.proc.Running())
-		if out, err := m.proc.Nsenter("wg", "show", wgIface, "dump"); err == nil {
-			b.WriteString(out)
-		} else {
-			fmt.Fprintf(&b, "wg show: %v\n", err)
-		}
-		for _, cmd := range [][]string{{"ip", "-br", "-4", "addr"}, {"ip", "-4", "route"}} {
-			out, _ := m.Exec(cmd...)
-			b.WriteString(out)
-		}
-		c.t.Logf("%s", b.String())
-	}
-	if c.server != nil {
-		out, err := c.lab.Output(c.server.NS, c.bin, "nodes", "--admin-config", c.adminConfig())
-		c.t.Logf("trellis nodes (err %v):\n%s", err, out)
-	}
-}
-
 // TestMulticloudMesh is the cluster of the seed page: a server in one
 // cloud, agents in two others, joined over the internet with WireGuard
 // between nodes that share no private network.
@@ -378,7 +68,7 @@ func TestMulticloudMesh(t *testing.T) {
 	for _, m := range three {
 		c.attachPod(m)
 	}
-	if failed := c.firstPackets("first start", three, three); len(failed) > 0 {
+	if failed := c.firstPackets("first start", three, three, joinTimeout); len(failed) > 0 {
 		t.Errorf("after the first start, pods do not reach each other within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 	}
 	defer func() {
@@ -444,7 +134,7 @@ func TestMulticloudMesh(t *testing.T) {
 		if err := agent2.proc.Restart(); err != nil {
 			t.Errorf("restart %s: %v", agent2.Name, err)
 		}
-		if failed := c.firstPackets("agent restart", []*member{agent2}, three); len(failed) > 0 {
+		if failed := c.firstPackets("agent restart", []*member{agent2}, three, joinTimeout); len(failed) > 0 {
 			t.Errorf("after restarting %s's agent, its pod does not reach the others within %v:\n%s", agent2.Name, joinTimeout, strings.Join(failed, "\n"))
 		}
 		after := c.waitNodes(three...)[agent2.Name]
@@ -490,7 +180,7 @@ func TestMulticloudMesh(t *testing.T) {
 				t.Errorf("%s did not resume its netmap stream after the server restart: %q", m.Name, lines)
 			}
 		}
-		if failed := c.firstPackets("server restart", []*member{server}, three); len(failed) > 0 {
+		if failed := c.firstPackets("server restart", []*member{server}, three, joinTimeout); len(failed) > 0 {
 			t.Errorf("after restarting the server, its pod does not reach the others within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 		}
 		c.waitNodes(three...)
@@ -500,7 +190,7 @@ func TestMulticloudMesh(t *testing.T) {
 		agent4 = c.startAgent(c4)
 		c.attachPod(agent4)
 		four := []*member{server, agent2, agent3, agent4}
-		if failed := c.firstPackets("join (4th node)", []*member{agent4}, four); len(failed) > 0 {
+		if failed := c.firstPackets("join (4th node)", []*member{agent4}, four, joinTimeout); len(failed) > 0 {
 			t.Errorf("a fourth node's pod does not reach the others within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 		}
 		nodes = c.waitNodes(four...)
@@ -515,7 +205,7 @@ func TestMulticloudMesh(t *testing.T) {
 		gone := nodes[agent3.Name].PublicKey.String()
 		remaining := []*member{server, agent2, agent4}
 		start := time.Now()
-		if out, err := lab.Output(server.NS, c.bin, "node", "delete", agent3.Name, "--admin-config", c.adminConfig()); err != nil {
+		if out, err := c.cli("node", "delete", agent3.Name); err != nil {
 			t.Fatalf("trellis node delete %s: %v (output %q)", agent3.Name, err, out)
 		}
 		var wg sync.WaitGroup

@@ -5,11 +5,8 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,171 +17,14 @@ import (
 // that are dual-stack, IPv6-only or a mix of IPv4-only and dual-stack
 // clouds.
 
-const (
-	clusterCIDR6   = "fd00:42::/56"
-	dualCIDRs      = clusterCIDR + "," + clusterCIDR6
-	relayedTimeout = 90 * time.Second
-)
-
-// dsCluster is a cluster whose members have an IPv6 pod address too.
-type dsCluster struct {
-	*cluster
-	mu   sync.Mutex
-	pod6 map[*member]netip.Addr
-}
-
-func newDSCluster(t *testing.T, lab *Lab) *dsCluster {
-	c := &dsCluster{cluster: newCluster(t, lab), pod6: map[*member]netip.Addr{}}
-	t.Cleanup(func() {
-		if t.Failed() {
-			c.diagnose6()
-		}
-	})
-	return c
-}
-
-// serverURL is how agents reach the server: at its public IPv4 address,
-// or at its public IPv6 address when v6 is set.
-func (c *dsCluster) serverURL(v6 bool) string {
-	a := c.server.PublicIP
-	if v6 {
-		a = c.server.PublicIP6()
-	}
-	return "https://" + netip.AddrPortFrom(a, 6443).String()
-}
-
-// startServerArgs starts a dual-stack server on n with the given node
-// flags and waits for its join token.
-func (c *dsCluster) startServerArgs(n *Node, nodeFlags ...string) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleServer)
-	args := []string{c.bin, "server", "--data-dir", m.dataDir, "--node-name", m.Name, "--cni-conf-dir", m.cniDir,
-		"--flannel-backend=wireguard-native", "--token", serverSecret, "--cluster-cidr", dualCIDRs, "--https-listen-port", "6443"}
-	m.proc = n.Start(append(args, nodeFlags...)...)
-	c.server = m
-	tokenFile := filepath.Join(m.dataDir, "server", "token")
-	WaitFor(c.t, joinTimeout, "the server to write its join token to "+tokenFile, func() error {
-		if err := m.proc.Err(); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(tokenFile)
-		if err != nil {
-			return err
-		}
-		c.token = strings.TrimSpace(string(b))
-		return nil
-	})
-	return m
-}
-
-// startAgentArgs starts an agent on n that joins the server at url.
-func (c *dsCluster) startAgentArgs(n *Node, url string, nodeFlags ...string) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleAgent)
-	args := []string{c.bin, "agent", "--server", url, "--token", c.token,
-		"--data-dir", m.dataDir, "--node-name", m.Name, "--cni-conf-dir", m.cniDir}
-	m.proc = n.Start(append(args, nodeFlags...)...)
-	return m
-}
-
-// attachPod6 attaches m's pod and records its IPv6 address.
-func (c *dsCluster) attachPod6(m *member) {
-	c.t.Helper()
-	c.attachPod(m)
-	ip6, err := m.pod.IP6()
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	c.mu.Lock()
-	c.pod6[m] = ip6
-	c.mu.Unlock()
-}
-
-func (c *dsCluster) podIP(m *member, v6 bool) netip.Addr {
-	if !v6 {
-		return m.pod.IP
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.pod6[m]
-}
-
-// checkPodsBoth checks that every pod of from reaches every pod of to on
-// both families, with ICMP and TCP, all pairs at once.
-func (c *dsCluster) checkPodsBoth(what string, from, to []*member, timeout time.Duration) {
-	c.t.Helper()
-	var mu sync.Mutex
-	var failures []string
-	var wg sync.WaitGroup
-	for _, a := range from {
-		for _, b := range to {
-			if a == b {
-				continue
-			}
-			for _, v6 := range []bool{false, true} {
-				dst := c.podIP(b, v6)
-				wg.Go(func() {
-					err := Poll(timeout, func() error { return a.pod.Ping(dst) })
-					if err == nil {
-						err = Poll(timeout, func() error { return a.pod.TCPEcho(dst) })
-					}
-					if err != nil {
-						mu.Lock()
-						failures = append(failures, fmt.Sprintf("%s → %s (%s): %v", a.Name, b.Name, dst, err))
-						mu.Unlock()
-					}
-				})
-			}
-		}
-	}
-	wg.Wait()
-	if len(failures) > 0 {
-		slices.Sort(failures)
-		c.t.Fatalf("%s: want every pod to reach every other pod on IPv4 and IPv6 (ping and TCP) within %v; %d do not:\n%s",
-			what, timeout, len(failures), strings.Join(failures, "\n"))
-	}
-}
-
-// firstPackets6 measures the time from each member's start to its pod's
-// first ping through to each peer's pod on both families.
-func (c *dsCluster) firstPackets6(event string, ms, peers []*member, timeout time.Duration) []string {
-	var mu sync.Mutex
-	var failures []string
-	var wg sync.WaitGroup
-	for _, m := range ms {
-		start := m.proc.StartedAt()
-		for _, p := range peers {
-			if p == m {
-				continue
-			}
-			for _, v6 := range []bool{false, true} {
-				dst := c.podIP(p, v6)
-				wg.Go(func() {
-					err := Poll(timeout, func() error { return m.pod.Ping(dst) })
-					mu.Lock()
-					defer mu.Unlock()
-					if err != nil {
-						failures = append(failures, fmt.Sprintf("%s → %s (%s): %v", m.Name, p.Name, dst, err))
-						return
-					}
-					fam := "IPv4"
-					if v6 {
-						fam = "IPv6"
-					}
-					c.timings = append(c.timings, fmt.Sprintf("%-12s %-7s → %-7s %s %6.2fs", event, m.Name, p.Name, fam, time.Since(start).Seconds()))
-				})
-			}
-		}
-	}
-	wg.Wait()
-	return failures
-}
+// relayedTimeout bounds the first packets of pairs that need a relay.
+const relayedTimeout = 90 * time.Second
 
 // checkDataPlane checks a member's dual-stack data plane: one pod CIDR of
 // each family, the WireGuard interface with the first address of each
 // (/32 and /128), routes for both cluster CIDRs through it, the bridge
 // with both gateways, IPv6 forwarding, and a pod with both addresses.
-func (c *dsCluster) checkDataPlane(t *testing.T, m *member, n api.Node) {
+func (c *cluster) checkDataPlane(t *testing.T, m *member, n api.Node) {
 	t.Helper()
 	c4, c6 := netip.MustParsePrefix(clusterCIDR), netip.MustParsePrefix(clusterCIDR6)
 	var p4, p6 netip.Prefix
@@ -232,7 +72,7 @@ func (c *dsCluster) checkDataPlane(t *testing.T, m *member, n api.Node) {
 
 // checkEndpoints checks that each member's WireGuard peer for each other
 // member has the endpoint want(from, to) names.
-func (c *dsCluster) checkEndpoints(t *testing.T, ms []*member, nodes map[string]api.Node, want func(from, to *member) netip.Addr) {
+func (c *cluster) checkEndpoints(t *testing.T, ms []*member, nodes map[string]api.Node, want func(from, to *member) netip.Addr) {
 	t.Helper()
 	for _, m := range ms {
 		err := Poll(meshTimeout, func() error {
@@ -282,9 +122,9 @@ func checkNoPlaintext(t *testing.T, inet *Router) {
 
 // checkNodesTable checks that `trellis nodes` shows IPv6 pod CIDRs and
 // addresses.
-func (c *dsCluster) checkNodesTable(t *testing.T, nodes map[string]api.Node, ms []*member) {
+func (c *cluster) checkNodesTable(t *testing.T, nodes map[string]api.Node, ms []*member) {
 	t.Helper()
-	out, err := c.lab.Output(c.server.NS, c.bin, "nodes", "--admin-config", c.adminConfig())
+	out, err := c.cli("nodes")
 	if err != nil {
 		t.Fatalf("trellis nodes: %v", err)
 	}
@@ -310,30 +150,13 @@ func (c *dsCluster) checkNodesTable(t *testing.T, nodes map[string]api.Node, ms 
 	}
 }
 
-// diagnose6 logs IPv6 state the IPv4 diagnose leaves out.
-func (c *dsCluster) diagnose6() {
-	for _, m := range c.members {
-		var b strings.Builder
-		fmt.Fprintf(&b, "==== %s (IPv6)\n", m.Name)
-		for _, cmd := range [][]string{{"ip", "-br", "-6", "addr"}, {"ip", "-6", "route"}} {
-			out, _ := m.Exec(cmd...)
-			b.WriteString(out)
-		}
-		c.t.Logf("%s", b.String())
-	}
-	if c.server != nil {
-		out, err := c.lab.Output(c.server.NS, c.bin, "paths", "--admin-config", c.adminConfig())
-		c.t.Logf("trellis paths (err %v):\n%s", err, out)
-	}
-}
-
 // TestDualStackMesh: three dual-stack clouds, a dual-stack cluster CIDR.
 // Pods of every node reach pods of every other on both families; the
 // mesh prefers IPv4 endpoints, and falls back to IPv6 for a pair whose
 // IPv4 path drops WireGuard.
 func TestDualStackMesh(t *testing.T) {
 	lab := NewLab(t)
-	c := newDSCluster(t, lab)
+	c := newCluster(t, lab, dualStack())
 	inet := lab.Internet6()
 	countersDS(inet)
 
@@ -345,20 +168,20 @@ func TestDualStackMesh(t *testing.T) {
 	c3.AddPublic6("2001:db8:3::30/64")
 
 	ext := func(n *Node) string { return n.PublicIP.String() + "," + n.PublicIP6().String() }
-	server := c.startServerArgs(c1, "--node-ip", c1.LANIP.String(), "--node-external-ip", ext(c1), "--flannel-external-ip")
+	server := c.startServer(c1, withAddressFlags("--node-ip", c1.LANIP.String(), "--node-external-ip", ext(c1)), withFlags("--flannel-external-ip"))
 	// One agent joins over IPv4, the other over IPv6; the IPv6 addresses
 	// come first on purpose (the flag order does not pick the family).
-	agent2 := c.startAgentArgs(c2, c.serverURL(false), "--node-ip", c2.LANIP.String(),
-		"--node-external-ip", c2.PublicIP6().String(), "--node-external-ip", c2.PublicIP.String())
-	agent3 := c.startAgentArgs(c3, c.serverURL(true), "--node-ip", c3.LANIP.String(), "--node-external-ip", ext(c3))
+	agent2 := c.startAgent(c2, withAddressFlags("--node-ip", c2.LANIP.String(),
+		"--node-external-ip", c2.PublicIP6().String(), "--node-external-ip", c2.PublicIP.String()))
+	agent3 := c.startAgent(c3, overIPv6(), withAddressFlags("--node-ip", c3.LANIP.String(), "--node-external-ip", ext(c3)))
 	three := []*member{server, agent2, agent3}
 	for _, m := range three {
-		c.attachPod6(m)
+		c.attachPod(m)
 	}
 	defer func() {
 		t.Logf("time from a node's start to its pod's first packet through to each peer's pod:\n%s", strings.Join(c.timings, "\n"))
 	}()
-	if failed := c.firstPackets6("first start", three, three, joinTimeout); len(failed) > 0 {
+	if failed := c.firstPackets("first start", three, three, joinTimeout); len(failed) > 0 {
 		t.Errorf("after the first start, pods do not reach each other within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 	}
 
@@ -373,7 +196,7 @@ func TestDualStackMesh(t *testing.T) {
 		t.FailNow()
 	}
 	t.Run("2-pods-reach-pods", func(t *testing.T) {
-		c.checkPodsBoth("dual-stack underlay", three, three, meshTimeout)
+		c.checkPods("dual-stack underlay", three, three, meshTimeout)
 	})
 	t.Run("3-ipv4-endpoints-preferred", func(t *testing.T) {
 		c.checkEndpoints(t, three, nodes, func(_, to *member) netip.Addr { return to.PublicIP })
@@ -391,11 +214,11 @@ func TestDualStackMesh(t *testing.T) {
 add rule inet e2e block4 ip saddr %[1]s ip daddr %[2]s udp dport 51820 drop
 add rule inet e2e block4 ip saddr %[2]s ip daddr %[1]s udp dport 51820 drop
 `, c2.PublicIP, c4.PublicIP))
-		agent4 := c.startAgentArgs(c4, c.serverURL(false), "--node-ip", c4.LANIP.String(), "--node-external-ip", ext(c4))
-		c.attachPod6(agent4)
+		agent4 := c.startAgent(c4, withAddressFlags("--node-ip", c4.LANIP.String(), "--node-external-ip", ext(c4)))
+		c.attachPod(agent4)
 		four := []*member{server, agent2, agent3, agent4}
 		start := agent4.proc.StartedAt()
-		if failed := c.firstPackets6("join cloud4", []*member{agent4}, four, relayedTimeout); len(failed) > 0 {
+		if failed := c.firstPackets("join cloud4", []*member{agent4}, four, relayedTimeout); len(failed) > 0 {
 			t.Errorf("cloud4's pod does not reach the others within %v:\n%s", relayedTimeout, strings.Join(failed, "\n"))
 		}
 		var took time.Duration
@@ -421,7 +244,7 @@ add rule inet e2e block4 ip saddr %[2]s ip daddr %[1]s udp dport 51820 drop
 			}
 			return to.PublicIP
 		})
-		c.checkPodsBoth("with IPv4 WireGuard blocked between two clouds", four, four, meshTimeout)
+		c.checkPods("with IPv4 WireGuard blocked between two clouds", four, four, meshTimeout)
 	})
 
 	t.Run("6-no-plaintext", func(t *testing.T) {
@@ -437,7 +260,7 @@ add rule inet e2e block4 ip saddr %[2]s ip daddr %[1]s udp dport 51820 drop
 // node IP (IPv6) on its own. IPv4 and IPv6 pod traffic both cross.
 func TestIPv6OnlyUnderlay(t *testing.T) {
 	lab := NewLab(t)
-	c := newDSCluster(t, lab)
+	c := newCluster(t, lab, dualStack())
 	inet := lab.Internet6()
 	countersDS(inet)
 
@@ -445,17 +268,17 @@ func TestIPv6OnlyUnderlay(t *testing.T) {
 	c2 := lab.Cloud6("cloud2", "2001:db8:2::20/64", "10.2.0.20/24")
 	c3 := lab.Cloud6("cloud3", "2001:db8:3::30/64", "10.3.0.30/24")
 
-	server := c.startServerArgs(c1, "--node-ip", c1.LANIP.String(), "--node-external-ip", c1.PublicIP6().String())
-	agent2 := c.startAgentArgs(c2, c.serverURL(true), "--node-ip", c2.LANIP.String(), "--node-external-ip", c2.PublicIP6().String())
-	agent3 := c.startAgentArgs(c3, c.serverURL(true)) // node IP detected
+	server := c.startServer(c1, withAddressFlags("--node-ip", c1.LANIP.String(), "--node-external-ip", c1.PublicIP6().String()))
+	agent2 := c.startAgent(c2, overIPv6(), withAddressFlags("--node-ip", c2.LANIP.String(), "--node-external-ip", c2.PublicIP6().String()))
+	agent3 := c.startAgent(c3, overIPv6(), withAddressFlags()) // node IP detected
 	three := []*member{server, agent2, agent3}
 	for _, m := range three {
-		c.attachPod6(m)
+		c.attachPod(m)
 	}
 	defer func() {
 		t.Logf("time from a node's start to its pod's first packet through to each peer's pod:\n%s", strings.Join(c.timings, "\n"))
 	}()
-	if failed := c.firstPackets6("first start", three, three, joinTimeout); len(failed) > 0 {
+	if failed := c.firstPackets("first start", three, three, joinTimeout); len(failed) > 0 {
 		t.Errorf("after the first start, pods do not reach each other within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 	}
 
@@ -473,7 +296,7 @@ func TestIPv6OnlyUnderlay(t *testing.T) {
 		t.FailNow()
 	}
 	t.Run("2-pods-reach-pods", func(t *testing.T) {
-		c.checkPodsBoth("IPv6-only underlay", three, three, meshTimeout)
+		c.checkPods("IPv6-only underlay", three, three, meshTimeout)
 	})
 	t.Run("3-ipv6-endpoints", func(t *testing.T) {
 		c.checkEndpoints(t, three, nodes, func(_, to *member) netip.Addr { return to.PublicIP6() })
@@ -498,7 +321,7 @@ func TestIPv6OnlyUnderlay(t *testing.T) {
 // through the server. Every pod reaches every other on both families.
 func TestMixedFamilyClouds(t *testing.T) {
 	lab := NewLab(t)
-	c := newDSCluster(t, lab)
+	c := newCluster(t, lab, dualStack())
 	inet := lab.Internet6()
 	countersDS(inet)
 
@@ -510,18 +333,18 @@ func TestMixedFamilyClouds(t *testing.T) {
 	c4 := lab.Cloud6("cloud4", "2001:db8:4::40/64", "10.4.0.40/24") // IPv6 only
 
 	ext := func(n *Node) string { return n.PublicIP.String() + "," + n.PublicIP6().String() }
-	server := c.startServerArgs(c1, "--node-ip", c1.LANIP.String(), "--node-external-ip", ext(c1))
-	agent2 := c.startAgentArgs(c2, c.serverURL(false), "--node-ip", c2.LANIP.String(), "--node-external-ip", c2.PublicIP.String())
-	agent3 := c.startAgentArgs(c3, c.serverURL(false), "--node-ip", c3.LANIP.String(), "--node-external-ip", ext(c3))
-	agent4 := c.startAgentArgs(c4, c.serverURL(true), "--node-ip", c4.LANIP.String(), "--node-external-ip", c4.PublicIP6().String())
+	server := c.startServer(c1, withAddressFlags("--node-ip", c1.LANIP.String(), "--node-external-ip", ext(c1)))
+	agent2 := c.startAgent(c2, withAddressFlags("--node-ip", c2.LANIP.String(), "--node-external-ip", c2.PublicIP.String()))
+	agent3 := c.startAgent(c3, withAddressFlags("--node-ip", c3.LANIP.String(), "--node-external-ip", ext(c3)))
+	agent4 := c.startAgent(c4, overIPv6(), withAddressFlags("--node-ip", c4.LANIP.String(), "--node-external-ip", c4.PublicIP6().String()))
 	four := []*member{server, agent2, agent3, agent4}
 	for _, m := range four {
-		c.attachPod6(m)
+		c.attachPod(m)
 	}
 	defer func() {
 		t.Logf("time from a node's start to its pod's first packet through to each peer's pod:\n%s", strings.Join(c.timings, "\n"))
 	}()
-	if failed := c.firstPackets6("first start", four, four, relayedTimeout); len(failed) > 0 {
+	if failed := c.firstPackets("first start", four, four, relayedTimeout); len(failed) > 0 {
 		t.Errorf("after the first start, pods do not reach each other within %v:\n%s", relayedTimeout, strings.Join(failed, "\n"))
 	}
 
@@ -573,7 +396,7 @@ func TestMixedFamilyClouds(t *testing.T) {
 		})
 	})
 	t.Run("4-pods-reach-pods", func(t *testing.T) {
-		c.checkPodsBoth("IPv4-only, dual-stack and IPv6-only clouds", four, four, meshTimeout)
+		c.checkPods("IPv4-only, dual-stack and IPv6-only clouds", four, four, meshTimeout)
 	})
 	t.Run("5-no-plaintext", func(t *testing.T) {
 		checkNoPlaintext(t, inet)

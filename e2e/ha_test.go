@@ -5,7 +5,6 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,93 +14,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/internal/api"
 )
-
-// startHAServer starts a server on n with embedded etcd: the first with
-// --cluster-init, the others joining join (an existing server's LAN
-// address) with the first server's full token.
-func (c *cluster) startHAServer(n *Node, join *member) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleServer)
-	args := append([]string{c.bin, "server"}, m.nodeArgs()...)
-	args = append(args, "--flannel-backend=wireguard-native", "--flannel-external-ip",
-		"--cluster-cidr", clusterCIDR, "--https-listen-port", "6443")
-	if join == nil {
-		args = append(args, "--cluster-init", "--token", serverSecret)
-	} else {
-		args = append(args, "--server", "https://"+netip.AddrPortFrom(join.LANIP, 6443).String(), "--token", c.token)
-	}
-	m.proc = n.Start(args...)
-	tokenFile := filepath.Join(m.dataDir, "server", "token")
-	WaitFor(c.t, joinTimeout, n.Name+" to write its join token (embedded etcd up)", func() error {
-		if err := m.proc.Err(); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(tokenFile)
-		if err != nil {
-			return err
-		}
-		tok := strings.TrimSpace(string(b))
-		if c.token != "" && tok != c.token {
-			return Permanent(fmt.Errorf("%s has token %q, want the first server's %q (one CA, one secret)", n.Name, tok, c.token))
-		}
-		c.token = tok
-		return nil
-	})
-	if c.server == nil {
-		c.server = m
-	}
-	return m
-}
-
-// startAgentVia starts an agent on n that joins through server s.
-func (c *cluster) startAgentVia(n *Node, s *member) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleAgent)
-	args := append([]string{c.bin, "agent",
-		"--server", "https://" + netip.AddrPortFrom(s.PublicIP, 6443).String(),
-		"--token", c.token}, m.nodeArgs()...)
-	m.proc = n.Start(args...)
-	return m
-}
-
-// waitListed waits until `trellis nodes` (through c.server) lists exactly
-// ms, with those in ready ready.
-func (c *cluster) waitListed(timeout time.Duration, ms []*member, ready []*member) map[string]api.Node {
-	c.t.Helper()
-	var want, wantReady []string
-	for _, m := range ms {
-		want = append(want, m.Name)
-	}
-	for _, m := range ready {
-		wantReady = append(wantReady, m.Name)
-	}
-	slices.Sort(want)
-	var nodes map[string]api.Node
-	WaitFor(c.t, timeout, fmt.Sprintf("trellis nodes to list %v with %v ready", want, wantReady), func() error {
-		var err error
-		if nodes, err = c.nodes(); err != nil {
-			return err
-		}
-		var got, notReady []string
-		for name := range nodes {
-			got = append(got, name)
-		}
-		slices.Sort(got)
-		if !slices.Equal(got, want) {
-			return fmt.Errorf("listed %v", got)
-		}
-		for _, r := range wantReady {
-			if !nodes[r].Ready {
-				notReady = append(notReady, r)
-			}
-		}
-		if len(notReady) > 0 {
-			return fmt.Errorf("not ready: %v", notReady)
-		}
-		return nil
-	})
-	return nodes
-}
 
 // TestHAServers: three servers with embedded etcd in one location (one
 // LAN, public addresses in one subnet), agents in two clouds. The server
@@ -121,13 +33,13 @@ func TestHAServers(t *testing.T) {
 	b2 := lab.Machine("b2", "203.0.113.32/24", b1.LAN, "10.30.0.32/24")
 
 	start := time.Now()
-	srv1 := c.startHAServer(s1, nil)
-	srv2 := c.startHAServer(s2, srv1)
-	srv3 := c.startHAServer(s3, srv1)
+	srv1 := c.startServer(s1, withClusterInit())
+	srv2 := c.startServer(s2, via(srv1))
+	srv3 := c.startServer(s3, via(srv1))
 	t.Logf("measured: three servers with embedded etcd up in %v", time.Since(start).Round(time.Millisecond))
-	ag1 := c.startAgentVia(a1, srv1)
-	ag2 := c.startAgentVia(b1, srv1)
-	doomed := c.startAgentVia(b2, srv1) // deleted while a server is down
+	ag1 := c.startAgent(a1, via(srv1))
+	ag2 := c.startAgent(b1, via(srv1))
+	doomed := c.startAgent(b2, via(srv1)) // deleted while a server is down
 	all := []*member{srv1, srv2, srv3, ag1, ag2}
 	nodes := c.waitListed(joinTimeout, append(all, doomed), append(all, doomed))
 	for _, s := range []*member{srv1, srv2, srv3} {
@@ -182,12 +94,12 @@ func TestHAServers(t *testing.T) {
 	c.checkPods("after the kill", survivors, survivors, meshTimeout)
 
 	// Deletes work with a server down.
-	if out, err := c.lab.Output(c.server.NS, c.bin, "node", "delete", doomed.Name, "--admin-config", c.adminConfig()); err != nil {
+	if out, err := c.cli("node", "delete", doomed.Name); err != nil {
 		t.Fatalf("trellis node delete with a server down: %v: %s", err, out)
 	}
 
 	// A new agent joins through a surviving server.
-	ag3 := c.startAgentVia(a2, srv2)
+	ag3 := c.startAgent(a2, via(srv2))
 	joinStart := time.Now()
 	all = append(all, ag3)
 	after := c.waitListed(joinTimeout, all, append(survivors, ag3))

@@ -17,22 +17,9 @@ import (
 	"github.com/trellis-mesh/trellis/internal/api"
 )
 
-// startAgentWith starts an agent on n with only the flags every agent
-// needs plus extra: no --node-ip or --node-external-ip unless given.
-func (c *cluster) startAgentWith(n *Node, extra ...string) *member {
-	c.t.Helper()
-	m := c.newMember(n, api.RoleAgent)
-	args := []string{c.bin, "agent",
-		"--server", "https://" + netip.AddrPortFrom(c.server.PublicIP, 6443).String(),
-		"--token", c.token, "--data-dir", m.dataDir, "--node-name", m.Name, "--cni-conf-dir", m.cniDir}
-	args = append(args, logArgs()...)
-	m.proc = n.Start(append(args, extra...)...)
-	return m
-}
-
 // paths runs `trellis paths -o json` and indexes the result by "from→to".
 func (c *cluster) paths() (map[string]api.Path, error) {
-	out, err := c.lab.Output(c.server.NS, c.bin, "paths", "--admin-config", c.adminConfig(), "-o", "json")
+	out, err := c.cli("paths", "-o", "json")
 	if err != nil {
 		return nil, err
 	}
@@ -76,16 +63,6 @@ add rule ip nat postrouting oifname "eth0" masquerade fully-random
 	}
 }
 
-// timeUntil polls f until it succeeds and returns how long that took.
-func timeUntil(t *testing.T, timeout time.Duration, what string, f func() error) time.Duration {
-	t.Helper()
-	start := time.Now()
-	if err := Poll(timeout, f); err != nil {
-		t.Fatalf("%s: not within %v: %v", what, timeout, err)
-	}
-	return time.Since(start)
-}
-
 // TestNATRelaysAndDynamicIPs is issue 4's end-to-end test: nodes in two
 // homes behind NAT (one of them a symmetric NAT), two public relays, a
 // cloud node whose public IP changes, and the seed's manual IP change.
@@ -108,15 +85,16 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 	srv := c.startServer(srvNode)
 	// Relays sort before the server ("ra" < "rb" < "srv"), so ra is the
 	// first choice and rb the next.
-	ra := c.startAgentWith(raNode, "--node-ip", raNode.LANIP.String(), "--node-external-ip", raNode.PublicIP.String(), "--relay")
-	rb := c.startAgentWith(rbNode, "--node-ip", rbNode.LANIP.String(), "--node-external-ip", rbNode.PublicIP.String(), "--relay")
+	ra := c.startAgent(raNode, asRelay())
+	rb := c.startAgent(rbNode, asRelay())
 	// dyn has its public address on its interface and no flags: it must
 	// find and follow its address itself.
-	dyn := c.startAgentWith(dynNode)
-	// Homes: no external IP, no port forwarding.
-	home1 := c.startAgentWith(h1, "--node-ip", h1.LANIP.String())
-	home1b := c.startAgentWith(h1b, "--node-ip", h1b.LANIP.String())
-	home2 := c.startAgentWith(h2, "--node-ip", h2.LANIP.String())
+	dyn := c.startAgent(dynNode, withAddressFlags())
+	// Homes: no external IP (they have no public address of their own),
+	// no port forwarding.
+	home1 := c.startAgent(h1)
+	home1b := c.startAgent(h1b)
+	home2 := c.startAgent(h2)
 	all := []*member{srv, ra, rb, dyn, home1, home1b, home2}
 	for _, m := range all {
 		c.attachPod(m)
@@ -127,7 +105,7 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 		// The symmetric NAT defeats hole punching: the first packet between
 		// the homes waits for the agents to judge the direct path failing
 		// (handshakeGrace) and the server to relay the pair.
-		timeUntil(t, 90*time.Second, "home1 ↔ home2 pods", func() error {
+		WaitFor(t, 90*time.Second, "home1 ↔ home2 pods", func() error {
 			if err := home1.pod.Ping(home2.pod.IP); err != nil {
 				return err
 			}
@@ -184,7 +162,7 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 		if err := ra.proc.Stop(); err != nil {
 			t.Logf("stopping relay ra: %v", err)
 		}
-		timeUntil(t, 60*time.Second, "home1 ↔ home2 through another relay", func() error {
+		WaitFor(t, 60*time.Second, "home1 ↔ home2 through another relay", func() error {
 			if err := home1.pod.Ping(home2.pod.IP); err != nil {
 				return err
 			}
@@ -204,7 +182,7 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 		// The old address is released: the internet drops what is sent
 		// to it.
 		lab.MustExec(inet.NS, "ip", "route", "add", "blackhole", "198.51.100.40/32")
-		d := timeUntil(t, 30*time.Second, "pods reach dyn's pod again", func() error {
+		d := WaitFor(t, 30*time.Second, "pods reach dyn's pod again", func() error {
 			for _, m := range []*member{srv, home1, home2} {
 				if err := m.pod.Ping(dyn.pod.IP); err != nil {
 					return fmt.Errorf("%s → dyn: %w", m.Name, err)
@@ -247,10 +225,7 @@ func TestNATRelaysAndDynamicIPs(t *testing.T) {
 		if err := os.WriteFile(rbConfig, []byte("node-external-ip: 192.0.2.31\n"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		rb.proc = rbNode.Start(c.bin, "agent", "--config", rbConfig,
-			"--server", "https://"+netip.AddrPortFrom(c.server.PublicIP, 6443).String(),
-			"--token", c.token, "--data-dir", rb.dataDir, "--node-name", "rb", "--cni-conf-dir", rb.cniDir,
-			"--node-ip", rbNode.LANIP.String(), "--relay")
+		c.start(rb, withAddressFlags("--node-ip", rbNode.LANIP.String()), asRelay(), withFlags("--config", rbConfig))
 		live := []*member{srv, rb, dyn, home1, home1b, home2}
 		c.checkPods("after rb's restart with a new --node-external-ip", live, live, 60*time.Second)
 		// Every live node has exactly the other live nodes (and the stopped

@@ -171,7 +171,7 @@ func TestRogueNodeIsRefused(t *testing.T) {
 		{"take over the server's name with the stolen token", "POST", api.PathJoin, asServer, c.token, 409},
 	}
 	spec := rogueSpec{
-		Server:   "https://" + netip.AddrPortFrom(c1.PublicIP, 6443).String(),
+		Server:   "https://" + netip.AddrPortFrom(c1.PublicIP, serverPort).String(),
 		CAFile:   filepath.Join(agentDir, "ca.crt"),
 		CertFile: filepath.Join(agentDir, "node.crt"),
 		KeyFile:  filepath.Join(agentDir, "node.key"),

@@ -90,6 +90,9 @@ type Tailnet struct {
 	// AuthKey is the key nodes must present.
 	AuthKey string
 	ca      string
+
+	mu     sync.Mutex
+	byNode map[*Node]*TSNode // the tailscaled Start started on each machine
 }
 
 // NewTailnet starts a control server on a new machine named "tsctl" with
@@ -106,6 +109,7 @@ func (l *Lab) NewTailnet(ctlCIDR, autoApprove string) *Tailnet {
 		Admin:   "http://" + ctl.PublicIP.String() + ":8080",
 		AuthKey: fmt.Sprintf("tskey-e2e-%d-%d", os.Getpid(), time.Now().UnixNano()),
 		ca:      filepath.Join(dir, "ca.pem"),
+		byNode:  map[*Node]*TSNode{},
 	}
 	tn.ctlProc = ctl.Start(filepath.Join(bin, "tsctl"), "-listen", ctl.PublicIP.String()+":8080",
 		"-ca-out", tn.ca, "-authkey", tn.AuthKey, "-auto-approve", autoApprove)
@@ -254,7 +258,17 @@ func (tn *Tailnet) Start(n *Node) *TSNode {
 		_, err := ts.CLI("status", "--json")
 		return err
 	})
+	tn.mu.Lock()
+	tn.byNode[n] = ts
+	tn.mu.Unlock()
 	return ts
+}
+
+// node returns the tailscaled that Start started on n, or nil.
+func (tn *Tailnet) node(n *Node) *TSNode {
+	tn.mu.Lock()
+	defer tn.mu.Unlock()
+	return tn.byNode[n]
 }
 
 // CLI runs the tailscale command against this node's tailscaled.

@@ -24,40 +24,6 @@ const (
 	tsApprovalFor = "5s" // --vpn-route-approval-timeout in these tests
 )
 
-// tsMember starts trellis (server or agent) on a tailnet node. extra are
-// further flags; env is prepended to the command (VAR=value).
-func (c *cluster) tsMember(ts *TSNode, role string, env []string, extra ...string) *member {
-	c.t.Helper()
-	m := c.newMember(ts.Node, role)
-	args := []string{"env", "PATH=" + ts.PathDir + ":" + os.Getenv("PATH")}
-	args = append(args, env...)
-	args = append(args, c.bin, role, "--data-dir", m.dataDir, "--node-name", ts.Name, "--cni-conf-dir", m.cniDir,
-		"--vpn-route-approval-timeout", tsApprovalFor)
-	args = append(args, extra...)
-	m.proc = ts.Start(args...)
-	if role == api.RoleServer {
-		c.server = m
-	}
-	return m
-}
-
-// waitToken waits for the server's join token.
-func (c *cluster) waitToken() {
-	c.t.Helper()
-	tokenFile := filepath.Join(c.server.dataDir, "server", "token")
-	WaitFor(c.t, joinTimeout, "the server to write its join token", func() error {
-		if err := c.server.proc.Err(); err != nil {
-			return err
-		}
-		b, err := os.ReadFile(tokenFile)
-		if err != nil {
-			return err
-		}
-		c.token = strings.TrimSpace(string(b))
-		return nil
-	})
-}
-
 // vpnAuth is a --vpn-auth value for tn.
 func vpnAuth(tn *Tailnet, key, hostname string) string {
 	return fmt.Sprintf("name=tailscale,joinKey=%s,controlServerURL=%s,extraArgs=--hostname=%s --accept-dns=false", key, tn.URL, hostname)
@@ -107,11 +73,11 @@ func checkNoSecret(t *testing.T, secret string, allowed []*Proc, procs ...*Proc)
 // other through Tailscale subnet routes.
 func TestTailscaleCluster(t *testing.T) {
 	lab := NewLab(t)
-	c := newCluster(t, lab)
 	inet := lab.Internet()
 	inet.Counter("cluster", "ip saddr "+clusterCIDR, "ip daddr "+clusterCIDR)
 	inet.Counter("tailscale", "udp dport 41641", "udp sport 41641")
 	tn := lab.NewTailnet(tsCtlCIDR, clusterCIDR)
+	c := newCluster(t, lab, overTailnet(tn))
 	ts1 := tn.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
 	ts2 := tn.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
 	ts3 := tn.Start(lab.Machine("ts3", "192.0.2.30/24", nil, ""))
@@ -124,9 +90,7 @@ func TestTailscaleCluster(t *testing.T) {
 	}
 
 	start := time.Now()
-	server := c.tsMember(ts1, api.RoleServer, nil, "--token", serverSecret, "--cluster-cidr", clusterCIDR,
-		"--vpn-auth="+vpnAuth(tn, tn.AuthKey, "ts1"))
-	c.waitToken()
+	server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(tn, tn.AuthKey, "ts1")))
 	var serverIPs []netip.Addr
 	WaitFor(t, joinTimeout, "the server's node on the tailnet", func() error {
 		var err error
@@ -136,19 +100,19 @@ func TestTailscaleCluster(t *testing.T) {
 		}
 		return err
 	})
-	serverURL := "https://" + netip.AddrPortFrom(serverIPs[0], 6443).String() // over the tailnet
+	serverURL := "https://" + netip.AddrPortFrom(serverIPs[0], serverPort).String() // over the tailnet
 
 	authFile := filepath.Join(lab.TempDir("ts2-vpn"), "vpn-auth")
 	if err := os.WriteFile(authFile, []byte("\n"+vpnAuth(tn, tn.AuthKey, "ts2")+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	agent2 := c.tsMember(ts2, api.RoleAgent, nil, "--server", serverURL, "--token", c.token, "--vpn-auth-file", authFile)
-	agent3 := c.tsMember(ts3, api.RoleAgent, []string{"TRELLIS_VPN_AUTH=" + vpnAuth(tn, tn.AuthKey, "ts3")}, "--server", serverURL, "--token", c.token)
+	agent2 := c.startAgent(ts2.Node, withServerURL(serverURL), withFlags("--vpn-auth-file", authFile))
+	agent3 := c.startAgent(ts3.Node, withServerURL(serverURL), withEnv("TRELLIS_VPN_AUTH="+vpnAuth(tn, tn.AuthKey, "ts3")))
 	three := []*member{server, agent2, agent3}
 	for _, m := range three {
 		c.attachPod(m)
 	}
-	if failed := c.firstPackets("first start", three, three); len(failed) > 0 {
+	if failed := c.firstPackets("first start", three, three, joinTimeout); len(failed) > 0 {
 		t.Errorf("pods do not reach each other over the tailnet within %v:\n%s", joinTimeout, strings.Join(failed, "\n"))
 	}
 	t.Logf("cluster over the tailnet: all nodes' pods reach each other %.2fs after the server started", time.Since(start).Seconds())
@@ -251,7 +215,7 @@ func TestTailscaleCluster(t *testing.T) {
 
 	t.Run("5-node-delete-withdraws-routes", func(t *testing.T) {
 		pod3 := nodes[agent3.Name].PodCIDRs
-		if out, err := lab.Output(server.NS, c.bin, "node", "delete", agent3.Name, "--admin-config", c.adminConfig()); err != nil {
+		if out, err := c.cli("node", "delete", agent3.Name); err != nil {
 			t.Fatalf("trellis node delete: %v (%q)", err, out)
 		}
 		WaitFor(t, 30*time.Second, "ts3 to withdraw its pod CIDR route and keep its own", func() error {
@@ -293,11 +257,11 @@ func TestTailscaleCluster(t *testing.T) {
 // shows nowhere.
 func TestTailscaleWrongJoinKey(t *testing.T) {
 	lab := NewLab(t)
-	c := newCluster(t, lab)
 	tn := lab.NewTailnet(tsCtlCIDR, clusterCIDR)
+	c := newCluster(t, lab, overTailnet(tn))
 	ts1 := tn.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
 	wrong := "tskey-wrong-" + fmt.Sprint(time.Now().UnixNano())
-	m := c.tsMember(ts1, api.RoleServer, []string{"TRELLIS_VPN_AUTH=" + vpnAuth(tn, wrong, "ts1")}, "--token", serverSecret)
+	m := c.startServer(ts1.Node, withEnv("TRELLIS_VPN_AUTH="+vpnAuth(tn, wrong, "ts1")), noWait())
 	time.Sleep(500 * time.Millisecond)
 	checkNoSecret(t, wrong, nil) // while it runs
 	log := waitExit(t, m.proc, 90*time.Second)
@@ -318,13 +282,11 @@ func TestTailscaleWrongJoinKey(t *testing.T) {
 // notice when the routes are approved by hand.
 func TestTailscaleRoutesNotApproved(t *testing.T) {
 	lab := NewLab(t)
-	c := newCluster(t, lab)
 	tn := lab.NewTailnet(tsCtlCIDR, "")
+	c := newCluster(t, lab, overTailnet(tn))
 	ts1 := tn.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
-	const v6CIDR = "fd00:42::/56"
-	server := c.tsMember(ts1, api.RoleServer, nil, "--token", serverSecret, "--cluster-cidr", clusterCIDR+","+v6CIDR,
-		"--vpn-auth="+vpnAuth(tn, tn.AuthKey, "ts1"))
-	c.waitToken()
+	const v6CIDR = clusterCIDR6
+	server := c.startServer(ts1.Node, withClusterCIDR(clusterCIDR+","+v6CIDR), withVPNAuth(vpnAuth(tn, tn.AuthKey, "ts1")))
 	stanzaLine4 := fmt.Sprintf("%q: [", clusterCIDR)
 	stanzaLine6 := fmt.Sprintf("%q: [", v6CIDR)
 	WaitFor(t, joinTimeout, "the server's node to warn about unapproved routes", func() error {
@@ -354,7 +316,7 @@ func TestTailscaleRoutesNotApproved(t *testing.T) {
 		}
 		return nil
 	})
-	table, err := lab.Output(server.NS, c.bin, "nodes", "--admin-config", c.adminConfig())
+	table, err := c.cli("nodes")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -385,8 +347,8 @@ func TestTailscaleRoutesNotApproved(t *testing.T) {
 // CIDR refuses to start; with another --cluster-cidr it starts.
 func TestTailscaleForeignPrefix(t *testing.T) {
 	lab := NewLab(t)
-	c := newCluster(t, lab)
 	tn := lab.NewTailnet(tsCtlCIDR, "10.0.0.0/8")
+	c := newCluster(t, lab, overTailnet(tn))
 	foreign := tn.Start(lab.Machine("other", "203.0.113.20/24", nil, ""))
 	if err := foreign.Up("--advertise-routes=10.42.0.0/16"); err != nil {
 		t.Fatal(err)
@@ -402,7 +364,7 @@ func TestTailscaleForeignPrefix(t *testing.T) {
 		return nil
 	})
 	ts1 := tn.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
-	m := c.tsMember(ts1, api.RoleServer, nil, "--token", serverSecret, "--cluster-cidr", clusterCIDR, "--vpn-auth="+vpnAuth(tn, tn.AuthKey, "ts1"))
+	m := c.startServer(ts1.Node, withVPNAuth(vpnAuth(tn, tn.AuthKey, "ts1")), noWait())
 	log := waitExit(t, m.proc, 2*joinTimeout)
 	for _, want := range []string{`VPN node "other"`, "10.42.0.0/16", "not a node of this cluster", "Choose another --cluster-cidr", "exit status 1"} {
 		if !strings.Contains(log, want) {
@@ -414,8 +376,7 @@ func TestTailscaleForeignPrefix(t *testing.T) {
 	}
 
 	// Another range on a fresh data dir: no clash.
-	c2 := newCluster(t, lab)
-	ok := c2.tsMember(ts1, api.RoleServer, nil, "--token", serverSecret, "--cluster-cidr", "10.77.0.0/16", "--vpn-auth="+vpnAuth(tn, tn.AuthKey, "ts1"))
-	c2.waitToken()
+	c2 := newCluster(t, lab, overTailnet(tn))
+	ok := c2.startServer(ts1.Node, withClusterCIDR("10.77.0.0/16"), withVPNAuth(vpnAuth(tn, tn.AuthKey, "ts1")))
 	c2.waitNodes(ok)
 }

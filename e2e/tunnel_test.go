@@ -204,11 +204,7 @@ func TestSupervisorTunnel(t *testing.T) {
 	serveHTTPIn(t, home.NS, fmt.Sprintf("127.0.0.1:%d", tunnelAppPort), "home1")
 	serveHTTPIn(t, home.NS, fmt.Sprintf("127.0.0.1:%d", tunnelHiddenPort), "hidden")
 
-	m := c.newMember(home, api.RoleAgent)
-	m.proc = home.Start(c.bin, "agent",
-		"--server", "https://"+netip.AddrPortFrom(c1.PublicIP, 6443).String(), "--token", c.token,
-		"--data-dir", m.dataDir, "--node-name", m.Name, "--node-ip", home.LANIP.String(), "--cni-conf-dir", m.cniDir,
-		"--tunnel-allow-port", fmt.Sprint(tunnelAppPort))
+	m := c.startAgent(home, withFlags("--tunnel-allow-port", fmt.Sprint(tunnelAppPort)))
 	c.waitTunnel(home.Name, true, joinTimeout)
 	t.Logf("tunnel of %s (behind NAT) up %.2fs after its agent started", home.Name, time.Since(m.proc.StartedAt()).Seconds())
 	c.waitNodes(server, m)
@@ -247,8 +243,7 @@ func TestSupervisorTunnel(t *testing.T) {
 	})
 
 	t.Run("port-not-allowed", func(t *testing.T) {
-		out, err := lab.Output(server.NS, c.bin, "proxy", home.Name, fmt.Sprint(tunnelHiddenPort),
-			"--listen", "127.0.0.1:19090", "--admin-config", c.adminConfig())
+		out, err := c.cli("proxy", home.Name, fmt.Sprint(tunnelHiddenPort), "--listen", "127.0.0.1:19090")
 		if err == nil {
 			t.Fatalf("trellis proxy to a port that is not allowed started: %q", out)
 		}
@@ -260,7 +255,7 @@ func TestSupervisorTunnel(t *testing.T) {
 	})
 
 	t.Run("unauthenticated-connect", func(t *testing.T) {
-		url := "wss://" + netip.AddrPortFrom(c1.PublicIP, 6443).String() + api.PathConnect
+		url := "wss://" + netip.AddrPortFrom(c1.PublicIP, serverPort).String() + api.PathConnect
 		code, err := connectStatus(home.NS, url, nil)
 		if err != nil || code != http.StatusUnauthorized {
 			t.Errorf("websocket to %s without a credential: %d %v, want 401", url, code, err)
@@ -280,7 +275,7 @@ func TestSupervisorTunnel(t *testing.T) {
 	})
 
 	t.Run("status", func(t *testing.T) {
-		out, err := lab.Output(server.NS, c.bin, "status", home.Name, "-o", "json", "--admin-config", c.adminConfig())
+		out, err := c.cli("status", home.Name, "-o", "json")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -291,12 +286,12 @@ func TestSupervisorTunnel(t *testing.T) {
 		if st.Name != home.Name || !st.Tunnel.Connected || st.DataPlane == "" {
 			t.Errorf("status of %s through its tunnel: %+v", home.Name, st)
 		}
-		table, err := lab.Output(server.NS, c.bin, "status", home.Name, "--admin-config", c.adminConfig())
+		table, err := c.cli("status", home.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("trellis status %s:\n%s", home.Name, table)
-		nodes, _ := lab.Output(server.NS, c.bin, "nodes", "--admin-config", c.adminConfig())
+		nodes, _ := c.cli("nodes")
 		t.Logf("trellis nodes:\n%s", nodes)
 	})
 
