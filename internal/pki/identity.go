@@ -16,6 +16,10 @@ const (
 	// OrgAdmins is the organization of administrator certificates, whose
 	// common name is the administrator's name.
 	OrgAdmins = "trellis:admins"
+	// OrgEgress is the organization of egress certificates: a Kubernetes
+	// API server that reaches kubelets and pods through the tunnels (HTTP
+	// CONNECT) and can do nothing else. The common name names the client.
+	OrgEgress = "trellis:egress"
 )
 
 // NodeCommonNamePrefix starts the common name of a node certificate.
@@ -37,6 +41,9 @@ const (
 	KindNode IdentityKind = iota + 1
 	// KindAdmin is an administrator.
 	KindAdmin
+	// KindEgress is an API server's egress: it may CONNECT to kubelets
+	// and pods through the tunnels, nothing else.
+	KindEgress
 )
 
 // String returns "node" or "admin".
@@ -46,6 +53,8 @@ func (k IdentityKind) String() string {
 		return "node"
 	case KindAdmin:
 		return "admin"
+	case KindEgress:
+		return "egress"
 	default:
 		return fmt.Sprintf("IdentityKind(%d)", uint8(k))
 	}
@@ -62,7 +71,8 @@ type Identity struct {
 // IdentityFromCert returns the identity of a client certificate, and false
 // if c identifies nobody: it must have exactly one organization, OrgNodes
 // with a common name NodeCommonName(name) for a non-empty name, or OrgAdmins
-// with a non-empty common name; and it must allow client authentication.
+// or OrgEgress with a non-empty common name; and it must allow client
+// authentication.
 //
 // IdentityFromCert does not verify c: pass only a certificate from a verified
 // chain (tls.ConnectionState.VerifiedChains[0][0] of a server that requires
@@ -84,6 +94,11 @@ func IdentityFromCert(c *x509.Certificate) (Identity, bool) {
 			return Identity{}, false
 		}
 		return Identity{Kind: KindAdmin, Name: cn}, true
+	case OrgEgress:
+		if cn == "" {
+			return Identity{}, false
+		}
+		return Identity{Kind: KindEgress, Name: cn}, true
 	}
 	return Identity{}, false
 }

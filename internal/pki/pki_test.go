@@ -438,6 +438,8 @@ func TestIdentityFromCert(t *testing.T) {
 		{"node without prefix", clientCert("a", OrgNodes), Identity{}, false},
 		{"node with empty name", clientCert("node:", OrgNodes), Identity{}, false},
 		{"admin with empty name", clientCert("", OrgAdmins), Identity{}, false},
+		{"egress", clientCert("kube-apiserver", OrgEgress), Identity{KindEgress, "kube-apiserver"}, true},
+		{"egress with empty name", clientCert("", OrgEgress), Identity{}, false},
 		{"unknown org", clientCert("node:a", "trellis"), Identity{}, false},
 		{"two orgs", clientCert("node:a", OrgNodes, OrgAdmins), Identity{}, false},
 		{"no org", clientCert("node:a"), Identity{}, false},

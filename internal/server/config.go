@@ -48,6 +48,11 @@ type Config struct {
 	Listener net.Listener
 	// HA holds the settings of highly available servers (ha.go).
 	HA HAConfig
+	// KubeletPort, if set, returns the kubelet's port of a node (its
+	// Kubernetes Node's daemonEndpoints), or 0 if unknown: the egress
+	// (egress.go) reaches that port on the node's addresses. Default
+	// DefaultKubeletPort.
+	KubeletPort func(node string) int
 }
 
 // Validate fills in defaults and checks the values.

@@ -47,7 +47,14 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("DELETE "+api.PathNodes+"/{name}", s.admin(s.handleDeleteNode))
 	s.tunnelRoutes(mux)
 	s.haRoutes(mux)
-	return mux
+	egress := s.egressHandler(false)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodConnect { // egress.go
+			egress(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -24,6 +24,8 @@ type serverMetrics struct {
 	// streams counts netmap streams by their first line: the whole
 	// netmap, or an empty delta to an agent that had it (resumed).
 	streams *prometheus.CounterVec
+	// connects counts egress CONNECTs (egress.go) by HTTP status.
+	connects *prometheus.CounterVec
 }
 
 var (
@@ -54,14 +56,24 @@ func newServerMetrics(s *Server) *serverMetrics {
 			Name: "trellis_server_netmap_streams_total",
 			Help: "Netmap streams started, by their first line: whole (the whole netmap) or resumed (the agent had it already).",
 		}, []string{"first"}),
+		connects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "trellis_server_egress_connects_total",
+			Help: "HTTP CONNECTs of the egress (kube-apiserver to kubelets and pods through the tunnels), by answer: 200, or why not (403 not a node or pod, 502 no tunnel or nothing listening, ...).",
+		}, []string{"code"}),
 	}
-	m.reg.MustRegister(m.join, m.store, m.streams, m)
+	m.reg.MustRegister(m.join, m.store, m.streams, m.connects, m)
+	m.connects.WithLabelValues("200")
 	m.streams.WithLabelValues("whole")
 	m.streams.WithLabelValues("resumed")
 	for _, op := range storeLatencyOpsKV {
 		m.store.WithLabelValues(op, "ok") // present from the start
 	}
 	return m
+}
+
+// egress counts an egress CONNECT answered with status.
+func (m *serverMetrics) egress(status int) {
+	m.connects.WithLabelValues(strconv.Itoa(status)).Inc()
 }
 
 // Metrics returns the server's Prometheus metrics (trellis_server_*), for

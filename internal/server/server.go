@@ -51,6 +51,8 @@ type Server struct {
 
 	// tunnels holds the agents' supervisor tunnels (tunnel.go).
 	tunnels *tunnel.Server
+	// egress serves HTTP CONNECT on the egress unix socket (egress.go).
+	egress *http.Server
 	// metrics are the Prometheus metrics (metrics.go).
 	metrics *serverMetrics
 
@@ -174,6 +176,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 			ClientCAs:    s.ca.Pool(),
 		},
 	}
+	if err := s.listenEgress(); err != nil {
+		return nil, err
+	}
 	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
@@ -223,6 +228,9 @@ func (s *Server) Close() error {
 			_ = s.http.Close()
 		} else if s.ln != nil {
 			_ = s.ln.Close()
+		}
+		if s.egress != nil {
+			_ = s.egress.Close()
 		}
 		s.closeTunnels() // hijacked: not ended by http.Server.Close
 		s.wg.Wait()
