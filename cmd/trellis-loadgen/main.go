@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -26,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/loadgen"
 	"github.com/trellis-mesh/trellis/internal/pki"
 )
@@ -207,7 +207,7 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serve
 	for {
 		tok, err1 := os.ReadFile(filepath.Join(dir, "data", "server", "token"))
 		ca, err2 := os.ReadFile(filepath.Join(dir, "data", "server", "tls", pki.CACertFile))
-		if err1 == nil && err2 == nil && ping(s.url) == nil {
+		if err1 == nil && err2 == nil && ping(ctx, s.url, ca) == nil {
 			s.token, s.ca = strings.TrimSpace(string(tok)), ca
 			return s, nil
 		}
@@ -227,15 +227,14 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serve
 	}
 }
 
-func ping(url string) error {
-	c := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: insecureTLS()}}
-	defer c.CloseIdleConnections()
-	resp, err := c.Get(url + "/ping")
+// ping asks the server at url, whose CA is ca, whether it answers.
+func ping(ctx context.Context, url string, ca []byte) error {
+	c, err := client.New(client.Config{URL: url, CA: ca, Timeout: time.Second})
 	if err != nil {
 		return err
 	}
-	resp.Body.Close()
-	return nil
+	defer c.Close()
+	return c.Ping(ctx)
 }
 
 // stop ends the server: SIGTERM, then SIGKILL after 10 s.

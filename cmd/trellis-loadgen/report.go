@@ -1,19 +1,12 @@
 package main
 
 import (
-	"crypto/tls"
 	"fmt"
 	"strings"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/loadgen"
 )
-
-// insecureTLS is for the liveness probe of the server only: nothing is
-// sent on it and nothing read from it is trusted.
-func insecureTLS() *tls.Config {
-	return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12} //nolint:gosec
-}
 
 // markdown renders results as the tables of docs/benchmarks.md.
 func markdown(rs []*loadgen.Result) string {

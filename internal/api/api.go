@@ -44,9 +44,11 @@ const (
 	// admin).
 	PathPaths = "/v1/paths"
 	// PathTokens creates (POST) and lists (GET) join tokens; PathTokens+
-	// "/ID" revokes one (DELETE); PathTokens+"/rotate-server" replaces the
+	// "/ID" revokes one (DELETE); PathTokensRotateServer replaces the
 	// server token (POST). Admin only.
 	PathTokens = "/v1/tokens"
+	// PathTokensRotateServer replaces the server token (POST, admin).
+	PathTokensRotateServer = PathTokens + "/rotate-server"
 )
 
 // Node roles.

@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 )
 
 // ErrCheckFailed is returned by PrintCheck when a pair does not work: the
@@ -77,7 +78,7 @@ func (c *Client) Check(ctx context.Context, o CheckOptions) (*api.CheckReport, e
 			if len(targets) == 0 {
 				return
 			}
-			rep, err := c.Probe(ctx, n.Name, st.StatusPort, ProbeRequest{Targets: targets, Count: o.Count, Size: -1})
+			rep, err := c.Probe(ctx, n.Name, st.StatusPort, client.ProbeRequest{Targets: targets, Count: o.Count, Size: -1})
 			mu.Lock()
 			in.Probes[n.Name], in.ProbeErrs[n.Name] = rep, err
 			mu.Unlock()

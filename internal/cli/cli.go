@@ -4,131 +4,78 @@ package cli
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"net/netip"
 	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"sigs.k8s.io/yaml"
-
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 )
 
 // DefaultAdminConfig is where the server writes the admin config with the
 // default data dir.
 const DefaultAdminConfig = "/var/lib/trellis/server/admin.yaml"
 
-// AdminConfig is the file the server writes for operators.
-type AdminConfig struct {
-	Server                   string `json:"server"`
-	CertificateAuthorityData string `json:"certificate-authority-data"`
-	ClientCertificateData    string `json:"client-certificate-data"`
-	ClientKeyData            string `json:"client-key-data"`
-}
-
-// Client calls the server's admin API.
+// Client calls the server's admin API for the operator commands: a
+// client.Client whose errors read as the commands print them (see
+// explain).
 type Client struct {
-	base string
-	http *http.Client
+	api *client.Client
 }
 
 // Load reads an admin config and returns a client for it.
 func Load(path string) (*Client, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("admin config %s does not exist: run this on a server, or point --admin-config (TRELLIS_ADMIN_CONFIG) at a copy of <data-dir>/server/admin.yaml", path)
-		}
-		return nil, fmt.Errorf("read admin config: %w", err)
+	cfg, err := client.ReadAdminConfig(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("admin config %s does not exist: run this on a server, or point --admin-config (TRELLIS_ADMIN_CONFIG) at a copy of <data-dir>/server/admin.yaml", path)
 	}
-	var ac AdminConfig
-	if err := yaml.UnmarshalStrict(b, &ac); err != nil {
+	if err != nil {
+		return nil, err
+	}
+	c, err := client.New(cfg)
+	if err != nil {
 		return nil, fmt.Errorf("admin config %s: %w", path, err)
 	}
-	dec := func(field, s string) ([]byte, error) {
-		v, err := base64.StdEncoding.DecodeString(s)
-		if err != nil || len(v) == 0 {
-			return nil, fmt.Errorf("admin config %s: %s is missing or not base64", path, field)
-		}
-		return v, nil
-	}
-	ca, err := dec("certificate-authority-data", ac.CertificateAuthorityData)
-	if err != nil {
-		return nil, err
-	}
-	crt, err := dec("client-certificate-data", ac.ClientCertificateData)
-	if err != nil {
-		return nil, err
-	}
-	key, err := dec("client-key-data", ac.ClientKeyData)
-	if err != nil {
-		return nil, err
-	}
-	cert, err := tls.X509KeyPair(crt, key)
-	if err != nil {
-		return nil, fmt.Errorf("admin config %s: client certificate: %w", path, err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(ca) {
-		return nil, fmt.Errorf("admin config %s: certificate-authority-data is not a PEM certificate", path)
-	}
-	if !strings.HasPrefix(ac.Server, "https://") {
-		return nil, fmt.Errorf("admin config %s: server %q must be an https:// URL", path, ac.Server)
-	}
-	return &Client{base: strings.TrimSuffix(ac.Server, "/"), http: &http.Client{
-		Timeout: 30 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{
-			RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12,
-		}},
-	}}, nil
+	return &Client{api: c}, nil
 }
 
-func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
-	if err != nil {
-		return err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("cannot reach the server at %s: %w", c.base, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return fmt.Errorf("read answer from %s: %w", c.base, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		var ae api.Error
-		if json.Unmarshal(body, &ae) == nil && ae.Message != "" {
-			return &ae
-		}
-		return fmt.Errorf("server answered %s", resp.Status)
-	}
-	if out == nil {
+// explain turns an error of the client into what the operator commands
+// print: the server's own sentence for a refusal (an *api.Error), "server
+// answered STATUS" for a refusal without one, "cannot reach the server
+// at URL: ..." for a call it did not answer. Other errors (an answer that
+// does not decode) keep the call and the server they name.
+func (c *Client) explain(err error) error {
+	var refused *client.Error
+	var unreachable *client.UnreachableError
+	switch {
+	case err == nil:
 		return nil
+	case errors.As(err, &refused) && !refused.Raw:
+		ae := refused.API
+		return &ae
+	case errors.As(err, &refused):
+		return fmt.Errorf("server answered %s", refused.StatusLine())
+	case errors.As(err, &unreachable):
+		return fmt.Errorf("cannot reach the server at %s: %w", c.api.Base(), unreachable.Err)
 	}
-	return json.Unmarshal(body, out)
+	return err
 }
 
 // Nodes lists the cluster's nodes.
 func (c *Client) Nodes(ctx context.Context) ([]api.Node, error) {
-	var nodes []api.Node
-	err := c.do(ctx, http.MethodGet, api.PathNodes, &nodes)
-	return nodes, err
+	nodes, err := c.api.Nodes(ctx)
+	return nodes, c.explain(err)
 }
 
 // DeleteNode removes a node from the cluster.
 func (c *Client) DeleteNode(ctx context.Context, name string) error {
-	return c.do(ctx, http.MethodDelete, api.PathNodes+"/"+name, nil)
+	return c.explain(c.api.DeleteNode(ctx, name))
 }
 
 // PrintNodes writes nodes as a table ("" or "table"), JSON ("json") or
@@ -177,9 +124,8 @@ func Age(d time.Duration) string {
 
 // Paths lists how every node reaches every other.
 func (c *Client) Paths(ctx context.Context) ([]api.Path, error) {
-	var paths []api.Path
-	err := c.do(ctx, http.MethodGet, api.PathPaths, &paths)
-	return paths, err
+	paths, err := c.api.Paths(ctx)
+	return paths, c.explain(err)
 }
 
 // PrintPaths writes paths as a table or JSON.

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"net/http"
 
 	"github.com/trellis-mesh/trellis/internal/api"
 )
@@ -10,7 +9,6 @@ import (
 // LeaveServer asks the server of the admin config to leave the cluster
 // of highly available servers (api.PathServerLeave).
 func (c *Client) LeaveServer(ctx context.Context) (api.ServerLeaveResponse, error) {
-	var out api.ServerLeaveResponse
-	err := c.do(ctx, http.MethodPost, api.PathServerLeave, &out)
-	return out, err
+	out, err := c.api.LeaveServer(ctx)
+	return out, c.explain(err)
 }

@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/ipam"
 )
 
@@ -291,7 +292,7 @@ func (c *Client) Wide(ctx context.Context, nodes []api.Node) map[string]WideInfo
 			if len(targets) == 0 {
 				return
 			}
-			rep, err := c.Probe(sctx, n.Name, st.StatusPort, ProbeRequest{Targets: targets, Count: 1, Size: 0})
+			rep, err := c.Probe(sctx, n.Name, st.StatusPort, client.ProbeRequest{Targets: targets, Count: 1, Size: 0})
 			if err == nil {
 				mu.Lock()
 				probes = rep

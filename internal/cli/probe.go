@@ -7,80 +7,18 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
-	"net/url"
 	"strconv"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 )
-
-// ProbeRequest is what a node is asked to ping (see api.PathProbe).
-type ProbeRequest struct {
-	Targets []netip.Addr
-	// Count is the number of small echo requests per target (0: the
-	// agent's default).
-	Count int
-	// Size is the size of the large probe: negative for the node's tunnel
-	// MTU, 0 for none.
-	Size int
-}
-
-func (r ProbeRequest) query() string {
-	q := url.Values{}
-	for _, t := range r.Targets {
-		q.Add("target", t.String())
-	}
-	if r.Count > 0 {
-		q.Set("count", strconv.Itoa(r.Count))
-	}
-	if r.Size >= 0 {
-		q.Set("size", strconv.Itoa(r.Size))
-	}
-	return q.Encode()
-}
 
 // Probe asks node to ping targets from inside the node, through its
 // tunnel to the agent's status port (0: api.DefaultStatusPort).
-func (c *Client) Probe(ctx context.Context, node string, statusPort int, req ProbeRequest) (*api.ProbeReport, error) {
-	if statusPort <= 0 {
-		statusPort = api.DefaultStatusPort
-	}
-	hc := &http.Client{Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return c.DialNode(ctx, node, statusPort)
-		},
-	}}
-	defer hc.CloseIdleConnections()
-	return getProbe(ctx, hc, "http://"+node+api.PathProbe+"?"+req.query())
-}
-
-func getProbe(ctx context.Context, hc *http.Client, u string) (*api.ProbeReport, error) {
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := hc.Do(hr)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode == http.StatusNotFound {
-		return nil, fmt.Errorf("the agent has no probe endpoint: upgrade trellis on the node")
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("probe answered %s: %s", resp.Status, body)
-	}
-	var rep api.ProbeReport
-	if err := json.Unmarshal(body, &rep); err != nil {
-		return nil, fmt.Errorf("probe answer: %w", err)
-	}
-	return &rep, nil
+func (c *Client) Probe(ctx context.Context, node string, statusPort int, req client.ProbeRequest) (*api.ProbeReport, error) {
+	rep, err := c.api.Probe(ctx, node, statusPort, req)
+	return rep, c.explain(err)
 }
 
 // LocalStatus reads the status of the agent on this host from its

@@ -3,50 +3,24 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
-
-	"github.com/gorilla/websocket"
 
 	"github.com/trellis-mesh/trellis/internal/api"
 	"github.com/trellis-mesh/trellis/internal/tunnel"
 )
 
 // DialNode opens a connection to 127.0.0.1:port on node, carried by the
-// server through the node's tunnel (a websocket to
-// PathNodes/NODE/proxy/PORT). A refusal comes back as an *api.Error that
-// says what to do.
+// server through the node's tunnel (client.Client.DialNode). A refusal
+// comes back as an *api.Error that says what to do.
 func (c *Client) DialNode(ctx context.Context, node string, port int) (net.Conn, error) {
-	tr, ok := c.http.Transport.(*http.Transport)
-	if !ok || tr.TLSClientConfig == nil {
-		return nil, errors.New("dial node: the client has no TLS configuration")
-	}
-	tc := tr.TLSClientConfig.Clone()
-	tc.NextProtos = []string{"http/1.1"}
-	d := websocket.Dialer{TLSClientConfig: tc, HandshakeTimeout: 20 * time.Second, ReadBufferSize: 32 << 10, WriteBufferSize: 32 << 10}
-	u := "wss" + strings.TrimPrefix(c.base, "https") + api.PathNodes + "/" + node + "/proxy/" + strconv.Itoa(port)
-	ws, resp, err := d.DialContext(ctx, u, nil)
-	if err != nil {
-		if resp != nil {
-			defer resp.Body.Close()
-			var ae api.Error
-			if b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10)); json.Unmarshal(b, &ae) == nil && ae.Message != "" {
-				return nil, &ae
-			}
-			return nil, fmt.Errorf("server answered %s", resp.Status)
-		}
-		return nil, fmt.Errorf("cannot reach the server at %s: %w", c.base, err)
-	}
-	return tunnel.NewConn(ws, tunnel.Timing{}), nil
+	conn, err := c.api.DialNode(ctx, node, port)
+	return conn, c.explain(err)
 }
 
 // Proxy carries every connection accepted on ln to 127.0.0.1:port on node
@@ -113,11 +87,8 @@ func (c *Client) Proxy(ctx context.Context, node string, port int, ln net.Listen
 
 // NodeStatus fetches a node's own status through its tunnel.
 func (c *Client) NodeStatus(ctx context.Context, node string) (*api.NodeStatus, error) {
-	var st api.NodeStatus
-	if err := c.do(ctx, http.MethodGet, api.PathNodes+"/"+node+"/status", &st); err != nil {
-		return nil, err
-	}
-	return &st, nil
+	st, err := c.api.NodeStatus(ctx, node)
+	return st, c.explain(err)
 }
 
 // TunnelColumn is the TUNNEL cell of the node table: "up 5m", "down 2m",

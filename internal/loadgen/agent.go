@@ -5,29 +5,24 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"net/netip"
-	"net/url"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/pki"
 )
 
 // errRetry marks an answer that asks to try again later.
 var errRetry = errors.New("temporary")
 
-// vagent is one virtual agent: a node identity and an HTTP client that
-// speaks the agent's protocol (join with a CSR, netmap stream, reports),
+// vagent is one virtual agent: a node identity and API clients that
+// speak the agent's protocol (join with a CSR, netmap stream, reports),
 // with no data plane behind it.
 type vagent struct {
 	idx      int
@@ -38,11 +33,9 @@ type vagent struct {
 	keyPEM   []byte
 	extIP    netip.Addr
 
-	mu   sync.Mutex
-	cert *tls.Certificate // guarded by mu; set after the join
-
-	client *http.Client
-	base   string
+	cfg  client.Config  // the server, its CA and the source address
+	boot *client.Client // without a certificate, for the join
+	node *client.Client // with the node certificate; nil before the join
 }
 
 // newVAgent creates the identity of agent idx: a random WireGuard public
@@ -52,7 +45,7 @@ type vagent struct {
 // server's per-source join rate limit out of the measurement, as real
 // agents each have their own).
 func newVAgent(idx int, base string, caPEM []byte, src netip.Addr) (*vagent, error) {
-	a := &vagent{idx: idx, name: fmt.Sprintf("vagent-%05d", idx), base: base}
+	a := &vagent{idx: idx, name: fmt.Sprintf("vagent-%05d", idx)}
 	if _, err := rand.Read(a.pubKey[:]); err != nil {
 		return nil, err
 	}
@@ -69,34 +62,22 @@ func newVAgent(idx int, base string, caPEM []byte, src netip.Addr) (*vagent, err
 	// benchmarking range), so peers reach each other at external IPs
 	// and every netmap lists every other agent with an endpoint.
 	a.extIP = netip.AddrFrom4([4]byte{198, 18, byte(idx >> 8), byte(idx)})
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, errors.New("server CA is not PEM")
+	// A loaded server takes its time: handshakes, joins and first
+	// netmaps wait in its queues.
+	a.cfg = client.Config{URL: base, CA: caPEM, SourceAddr: src,
+		Timeout: 2 * time.Minute, TLSHandshakeTimeout: 30 * time.Second, ResponseHeaderTimeout: 2 * time.Minute}
+	if a.boot, err = client.New(a.cfg); err != nil {
+		return nil, err
 	}
-	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
-	if src.IsValid() {
-		dialer.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
-	}
-	a.client = &http.Client{Transport: &http.Transport{
-		TLSClientConfig: &tls.Config{
-			RootCAs:    pool,
-			MinVersion: tls.VersionTLS12,
-			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-				a.mu.Lock()
-				defer a.mu.Unlock()
-				if a.cert == nil {
-					return &tls.Certificate{}, nil // before the join: no certificate
-				}
-				return a.cert, nil
-			},
-		},
-		DialContext:           dialer.DialContext,
-		TLSHandshakeTimeout:   30 * time.Second,
-		ResponseHeaderTimeout: 2 * time.Minute,
-		IdleConnTimeout:       time.Minute,
-		DisableCompression:    true,
-	}}
 	return a, nil
+}
+
+// close closes the agent's idle connections.
+func (a *vagent) close() {
+	a.boot.Close()
+	if a.node != nil {
+		a.node.Close()
+	}
 }
 
 // sourceAddr returns the loopback source address of agent idx:
@@ -105,9 +86,9 @@ func sourceAddr(idx int) netip.Addr {
 	return netip.AddrFrom4([4]byte{127, 1 + byte(idx/(250*256)), byte(idx / 250 % 256), byte(idx%250 + 1)})
 }
 
-// join registers the agent with the server and installs the certificate
-// it gets. The join connection carries no client certificate, so it is
-// closed afterwards: the next request handshakes again with the new one.
+// join registers the agent with the server and makes its client with the
+// certificate it gets. The join connection carries no client
+// certificate, so it is closed afterwards.
 func (a *vagent) join(ctx context.Context, token string) error {
 	req := api.JoinRequest{
 		NodeName:     a.name,
@@ -117,72 +98,35 @@ func (a *vagent) join(ctx context.Context, token string) error {
 		ExternalIPs:  []netip.Addr{a.extIP},
 		ListenPort:   api.DefaultWireGuardPort,
 	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		return err
+	jr, err := a.boot.Join(ctx, token, req)
+	var unreachable *client.UnreachableError
+	switch {
+	case err == nil:
+	case errors.As(err, &unreachable) && ctx.Err() == nil:
+		// A connection the loaded server closed (a handshake past its
+		// timeout): a real agent retries, and so do we.
+		a.boot.Close()
+		return fmt.Errorf("%w: %s: %w", errRetry, a.name, err)
+	case client.IsTemporary(err):
+		return fmt.Errorf("%w: %s: %w", errRetry, a.name, err)
+	default:
+		return fmt.Errorf("%s: %w", a.name, err)
 	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+api.PathJoin, bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	hr.Header.Set("Authorization", "Bearer "+token)
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := a.client.Do(hr)
-	if err != nil {
-		if ctx.Err() == nil {
-			// A connection the loaded server closed (a handshake past
-			// its timeout): a real agent retries, and so do we.
-			a.client.CloseIdleConnections()
-			return fmt.Errorf("%w: join %s: %w", errRetry, a.name, err)
-		}
-		return fmt.Errorf("join %s: %w", a.name, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return fmt.Errorf("join %s: read answer: %w", a.name, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		err := fmt.Errorf("join %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
-		if resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusTooManyRequests {
-			err = fmt.Errorf("%w: %w", errRetry, err)
-		}
-		return err
-	}
-	var jr api.JoinResponse
-	if err := json.Unmarshal(b, &jr); err != nil {
-		return fmt.Errorf("join %s: decode answer: %w", a.name, err)
-	}
+	a.boot.Close()
 	cert, err := tls.X509KeyPair(jr.Certificate, a.keyPEM)
 	if err != nil {
 		return fmt.Errorf("join %s: node certificate: %w", a.name, err)
 	}
-	a.mu.Lock()
-	a.cert = &cert
-	a.mu.Unlock()
-	a.client.CloseIdleConnections()
-	return nil
+	cfg := a.cfg
+	cfg.Certificate = &cert
+	a.node, err = client.New(cfg)
+	return err
 }
 
 // report sends a report that sets the agent's external IP.
 func (a *vagent) report(ctx context.Context, ext netip.Addr) error {
-	body, err := json.Marshal(api.Report{ExternalIPs: []netip.Addr{ext}})
-	if err != nil {
-		return err
-	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPut, a.base+api.PathReport, bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := a.client.Do(hr)
-	if err != nil {
-		return fmt.Errorf("report of %s: %w", a.name, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if resp.StatusCode/100 != 2 {
-		return fmt.Errorf("report of %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
+	if err := a.node.Report(ctx, api.Report{ExternalIPs: []netip.Addr{ext}}); err != nil {
+		return fmt.Errorf("%s: %w", a.name, err)
 	}
 	return nil
 }
@@ -192,28 +136,11 @@ func (a *vagent) report(ctx context.Context, ext netip.Addr) error {
 // api.NetmapHaveParam) names the netmap the agent holds and the server
 // resumes from it.
 func (a *vagent) openStream(ctx context.Context, deltas bool, have string) (io.ReadCloser, error) {
-	u := a.base + api.PathNetmap
-	if deltas {
-		q := url.Values{api.NetmapDeltasParam: {"1"}}
-		if have != "" {
-			q.Set(api.NetmapHaveParam, have)
-		}
-		u += "?" + q.Encode()
-	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	body, err := a.node.OpenNetmapStream(ctx, client.NetmapQuery{Whole: !deltas, Have: have})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", a.name, err)
 	}
-	resp, err := a.client.Do(hr)
-	if err != nil {
-		return nil, fmt.Errorf("netmap stream of %s: %w", a.name, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		resp.Body.Close()
-		return nil, fmt.Errorf("netmap stream of %s: server answered %d: %s", a.name, resp.StatusCode, bytes.TrimSpace(b))
-	}
-	return resp.Body, nil
+	return body, nil
 }
 
 // probe is one change being followed: the marker that the new netmaps

@@ -206,7 +206,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	defer func() {
 		for _, a := range agents {
 			if a != nil {
-				a.client.CloseIdleConnections()
+				a.close()
 			}
 		}
 	}()

@@ -1,14 +1,11 @@
 package server
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"maps"
 	"net"
 	"net/http"
@@ -24,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/store"
 	"github.com/trellis-mesh/trellis/internal/token"
@@ -161,32 +159,17 @@ func (s *Server) prepareHA(ctx context.Context) (*haJoin, error) {
 	if tok.Kind != token.KindServer || !tok.HasCAHash {
 		return nil, fmt.Errorf("joining the server at %s needs the full server token (K10<ca-hash>::server:<secret>) from its <data-dir>/server/token: the CA hash proves the server is genuine before the token is sent", ha.JoinURL)
 	}
-	var c *joinClient
-	for n := 0; ; n++ {
-		var unreachable *unreachableError
-		c, err = newJoinClient(ctx, ha.JoinURL, tok)
-		if err == nil {
-			break
-		}
-		if !errors.As(err, &unreachable) || ctx.Err() != nil {
-			return nil, err
-		}
-		if n%15 == 0 {
-			s.log.Warn("waiting for the server to join", "server", ha.JoinURL, "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, err
-		case <-time.After(2 * time.Second):
-		}
+	c, err := joinClient(ctx, ha.JoinURL, tok, s.log)
+	if err != nil {
+		return nil, err
 	}
-	defer c.http.CloseIdleConnections()
+	defer c.Close()
 	var req api.EtcdJoinRequest
 	req.Name = s.cfg.NodeName
 	if s.cfg.wantsEmbedded() {
-		var members api.EtcdMembersResponse
-		if err := c.do(ctx, http.MethodGet, nil, &members); err != nil {
-			return nil, err
+		members, err := c.EtcdMembers(ctx, tok.String())
+		if err != nil {
+			return nil, joinRefused(c, err)
 		}
 		if !members.Embedded {
 			return nil, fmt.Errorf("the server at %s does not run an embedded etcd cluster: start this server with the same --datastore-endpoint as it", ha.JoinURL)
@@ -198,22 +181,21 @@ func (s *Server) prepareHA(ctx context.Context) (*haJoin, error) {
 	}
 	var resp api.EtcdJoinResponse
 	for n := 0; ; n++ {
-		err := c.do(ctx, http.MethodPost, req, &resp)
-		var busy *unavailableError
+		resp, err = c.JoinEtcd(ctx, tok.String(), req)
 		if err == nil {
 			break
 		}
-		if !errors.As(err, &busy) || n >= 60 {
-			return nil, err
+		if !client.IsTemporary(err) || n >= 60 {
+			return nil, joinRefused(c, err)
 		}
 		// Another server is joining (etcd adds one member at a time,
 		// and only while every member is healthy): try again.
 		if n%5 == 0 {
-			s.log.Info("the etcd cluster cannot take a member yet; retrying", "err", err)
+			s.log.Info("the etcd cluster cannot take a member yet; retrying", "err", joinRefused(c, err))
 		}
 		select {
 		case <-ctx.Done():
-			return nil, err
+			return nil, joinRefused(c, err)
 		case <-time.After(2 * time.Second):
 		}
 	}
@@ -299,10 +281,10 @@ func (s *Server) embeddedConfig(join *haJoin) (*store.Embedded, error) {
 // that would stretch an embedded etcd cluster across locations: a round
 // trip to the joined server above MaxPeerRTT. Members outside this
 // server's subnet get a warning.
-func (s *Server) checkLocation(ctx context.Context, c *joinClient, members []api.EtcdMember, ha HAConfig) error {
-	rtt, err := c.rtt(ctx, 5)
+func (s *Server) checkLocation(ctx context.Context, c *client.Client, members []api.EtcdMember, ha HAConfig) error {
+	rtt, err := pingRTT(ctx, c, 5)
 	if err != nil {
-		return fmt.Errorf("measure the round trip to %s: %w", c.base, err)
+		return fmt.Errorf("measure the round trip to %s: %w", c.Base(), err)
 	}
 	var outside []string
 	if subnet, ok := subnetOf(s.peerIP()); ok {
@@ -321,10 +303,10 @@ func (s *Server) checkLocation(ctx context.Context, c *joinClient, members []api
 			s.log.Warn("servers of this embedded etcd cluster are not in this server's subnet "+subnet.String()+": keep all servers in one location; the rule: "+SeedRule, "members", strings.Join(outside, ", "))
 		}
 	}
-	s.log.Info("location check", "server", c.base, "rtt", rtt.Round(10*time.Microsecond), "max", ha.MaxPeerRTT)
+	s.log.Info("location check", "server", c.Base(), "rtt", rtt.Round(10*time.Microsecond), "max", ha.MaxPeerRTT)
 	if rtt > ha.MaxPeerRTT {
 		msg := fmt.Sprintf("the server at %s is %s away (round trip), over the %s an embedded etcd cluster allows: all servers must be in one location (%s). Use an external datastore (--datastore-endpoint) for servers in different locations, or pass --etcd-allow-remote-peers to join anyway",
-			c.base, rtt.Round(100*time.Microsecond), ha.MaxPeerRTT, SeedRule)
+			c.Base(), rtt.Round(100*time.Microsecond), ha.MaxPeerRTT, SeedRule)
 		if !ha.AllowRemotePeers {
 			return errors.New(msg)
 		}
@@ -354,115 +336,53 @@ func subnetOf(a netip.Addr) (netip.Prefix, bool) {
 	return netip.Prefix{}, false
 }
 
-// unreachableError: the joined server did not answer; retried.
-type unreachableError struct{ err error }
+// joinTimeout bounds each call to the server being joined: adding an
+// etcd member can take a while.
+const joinTimeout = 60 * time.Second
 
-func (e *unreachableError) Error() string { return e.err.Error() }
-func (e *unreachableError) Unwrap() error { return e.err }
-
-// unavailableError: the joined server could not serve the call now.
-type unavailableError struct{ err error }
-
-func (e *unavailableError) Error() string { return e.err.Error() }
-func (e *unavailableError) Unwrap() error { return e.err }
-
-// joinClient talks to the server being joined, with its CA checked
-// against the token's hash.
-type joinClient struct {
-	base string
-	tok  token.Token
-	http *http.Client
-}
-
-func newJoinClient(ctx context.Context, base string, tok token.Token) (*joinClient, error) {
+// joinClient returns a client for the server being joined, with its CA
+// checked against the token's hash, waiting for the server to answer.
+func joinClient(ctx context.Context, base string, tok token.Token, log *slog.Logger) (*client.Client, error) {
 	base = strings.TrimSuffix(base, "/")
-	insecure := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		// The CA is checked against the token's hash below; nothing
-		// secret goes over this connection.
-		TLSClientConfig: &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12}, //nolint:gosec
-	}}
-	defer insecure.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+api.PathCACerts, nil)
-	if err != nil {
-		return nil, fmt.Errorf("--server %q: %w", base, err)
+	for n := 0; ; n++ {
+		ca, err := client.FetchCA(ctx, base, tok)
+		if err == nil {
+			return client.New(client.Config{URL: base, CA: ca, Timeout: joinTimeout})
+		}
+		var unreachable *client.UnreachableError
+		if !errors.As(err, &unreachable) || ctx.Err() != nil {
+			return nil, err
+		}
+		err = fmt.Errorf("reach the server at %s to join it (is it running, and port 6443 open?): %w", base, unreachable)
+		if n%15 == 0 {
+			log.Warn("waiting for the server to join", "server", base, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(2 * time.Second):
+		}
 	}
-	resp, err := insecure.Do(req)
-	if err != nil {
-		return nil, &unreachableError{fmt.Errorf("reach the server at %s to join it (is it running, and port 6443 open?): %w", base, err)}
-	}
-	defer resp.Body.Close()
-	ca, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil || resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fetch the CA of the server at %s: status %d: %v", base, resp.StatusCode, err)
-	}
-	if !tok.CAMatches(ca) {
-		return nil, fmt.Errorf("the server at %s presents a CA that does not match the token: the token is from another cluster, or something intercepts the connection", base)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(ca) {
-		return nil, fmt.Errorf("the server at %s serves no PEM CA certificate", base)
-	}
-	return &joinClient{base: base, tok: tok, http: &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{
-		TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
-	}}}, nil
 }
 
-// do calls PathEtcdMembers with the server token.
-func (c *joinClient) do(ctx context.Context, method string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
+// joinRefused says which server refused the join and why; other errors
+// of the client name the call and the server already.
+func joinRefused(c *client.Client, err error) error {
+	var refused *client.Error
+	if errors.As(err, &refused) {
+		return fmt.Errorf("the server at %s refused the join (%d): %s", c.Base(), refused.Status, refused.API.Message)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+api.PathEtcdMembers, body)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+c.tok.String())
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("join the server at %s: %w", c.base, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var ae api.Error
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-		if json.Unmarshal(b, &ae) != nil || ae.Message == "" {
-			ae.Message = strings.TrimSpace(string(b))
-		}
-		err := fmt.Errorf("the server at %s refused the join (%d): %s", c.base, resp.StatusCode, ae.Message)
-		if resp.StatusCode == http.StatusServiceUnavailable || resp.StatusCode == http.StatusTooManyRequests {
-			return &unavailableError{err}
-		}
-		return err
-	}
-	err = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out)
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20)) // lets the connection be reused and closed
-	if err != nil {
-		return fmt.Errorf("join the server at %s: decode answer: %w", c.base, err)
-	}
-	return nil
+	return err
 }
 
-// rtt returns the smallest of n round trips of /ping on one connection.
-func (c *joinClient) rtt(ctx context.Context, n int) (time.Duration, error) {
+// pingRTT returns the smallest of n round trips of /ping on one connection.
+func pingRTT(ctx context.Context, c *client.Client, n int) (time.Duration, error) {
 	best := time.Duration(-1)
 	for range n + 1 { // the first one also sets the connection up
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+api.PathPing, nil)
-		if err != nil {
-			return 0, err
-		}
 		start := time.Now()
-		resp, err := c.http.Do(req)
-		if err != nil {
+		if err := c.Ping(ctx); err != nil {
 			return 0, err
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 		if d := time.Since(start); best < 0 || d < best {
 			best = d
 		}

@@ -22,6 +22,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/netmap"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/store"
@@ -58,15 +59,6 @@ type Server struct {
 
 	closeOnce sync.Once
 	closeErr  error
-}
-
-// AdminConfig is the file `trellis nodes` reads: where the server is and
-// the admin credential.
-type AdminConfig struct {
-	Server                   string `json:"server"`
-	CertificateAuthorityData string `json:"certificate-authority-data"`
-	ClientCertificateData    string `json:"client-certificate-data"`
-	ClientKeyData            string `json:"client-key-data"`
 }
 
 // Start brings up the store, the CA, the token and the HTTPS API. It
@@ -312,7 +304,7 @@ func (s *Server) loadOrCreateToken() (token.Token, error) {
 // certificate, keeping an existing credential.
 func (s *Server) writeAdminConfig() error {
 	path := s.cfg.dir("admin.yaml")
-	var ac AdminConfig
+	var ac client.AdminConfig
 	if b, err := os.ReadFile(path); err == nil && yaml.Unmarshal(b, &ac) == nil && ac.ClientCertificateData != "" && s.adminCertValid(ac) {
 		if ac.Server == s.url && pki.CheckPrivate(path) == nil {
 			return nil
@@ -337,7 +329,7 @@ func (s *Server) writeAdminConfig() error {
 	return nil
 }
 
-func (s *Server) adminCertValid(ac AdminConfig) bool {
+func (s *Server) adminCertValid(ac client.AdminConfig) bool {
 	b, err := base64.StdEncoding.DecodeString(ac.ClientCertificateData)
 	if err != nil {
 		return false

@@ -70,32 +70,15 @@ func (s *Server) authorizeJoin(ctx context.Context, t token.Token) (token.Kind, 
 	return token.KindNode, true
 }
 
-// TokenCreateRequest asks for a new join token (admin).
-type TokenCreateRequest struct {
-	// TTL in seconds; 0 means the token does not expire.
-	TTL         int64  `json:"ttl,omitempty"`
-	Description string `json:"description,omitempty"`
-}
-
-// TokenInfo describes a created token; Token is set only in the answer to
-// its creation.
-type TokenInfo struct {
-	ID          string    `json:"id"`
-	Description string    `json:"description,omitempty"`
-	CreatedAt   time.Time `json:"createdAt"`
-	ExpiresAt   time.Time `json:"expiresAt,omitzero"`
-	Token       string    `json:"token,omitempty"`
-}
-
 func (s *Server) tokenRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST "+api.PathTokens, s.admin(s.handleCreateToken))
 	mux.HandleFunc("GET "+api.PathTokens, s.admin(s.handleListTokens))
 	mux.HandleFunc("DELETE "+api.PathTokens+"/{id}", s.admin(s.handleRevokeToken))
-	mux.HandleFunc("POST "+api.PathTokens+"/rotate-server", s.admin(s.handleRotateServerToken))
+	mux.HandleFunc("POST "+api.PathTokensRotateServer, s.admin(s.handleRotateServerToken))
 }
 
 func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
-	var req TokenCreateRequest
+	var req api.TokenCreateRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
@@ -138,7 +121,7 @@ func (s *Server) handleCreateToken(w http.ResponseWriter, r *http.Request) {
 		}
 		s.log.Info("join token created", "id", id, "expiresAt", jt.ExpiresAt)
 		tok := token.New(s.ca.CertPEM(), token.KindNode, id+"."+secret)
-		writeJSON(w, http.StatusOK, TokenInfo{ID: id, Description: jt.Description, CreatedAt: now, ExpiresAt: jt.ExpiresAt, Token: tok.String()})
+		writeJSON(w, http.StatusOK, api.TokenInfo{ID: id, Description: jt.Description, CreatedAt: now, ExpiresAt: jt.ExpiresAt, Token: tok.String()})
 		return
 	}
 	writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "could not pick a free token id; try again")
@@ -150,15 +133,15 @@ func (s *Server) handleListTokens(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, err.Error())
 		return
 	}
-	out := []TokenInfo{}
+	out := []api.TokenInfo{}
 	for _, kv := range kvs {
 		var jt joinToken
 		if json.Unmarshal(kv.Value, &jt) != nil {
 			continue
 		}
-		out = append(out, TokenInfo{ID: jt.ID, Description: jt.Description, CreatedAt: jt.CreatedAt, ExpiresAt: jt.ExpiresAt})
+		out = append(out, api.TokenInfo{ID: jt.ID, Description: jt.Description, CreatedAt: jt.CreatedAt, ExpiresAt: jt.ExpiresAt})
 	}
-	slices.SortFunc(out, func(a, b TokenInfo) int { return a.CreatedAt.Compare(b.CreatedAt) })
+	slices.SortFunc(out, func(a, b api.TokenInfo) int { return a.CreatedAt.Compare(b.CreatedAt) })
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -201,5 +184,5 @@ func (s *Server) handleRotateServerToken(w http.ResponseWriter, _ *http.Request)
 	s.token = t
 	s.tokenMu.Unlock()
 	s.log.Info("server token rotated; start servers with the new token (the token file is updated); joined nodes are not affected")
-	writeJSON(w, http.StatusOK, TokenInfo{ID: "server", CreatedAt: time.Now().UTC(), Token: t.String()})
+	writeJSON(w, http.StatusOK, api.TokenInfo{ID: "server", CreatedAt: time.Now().UTC(), Token: t.String()})
 }

@@ -38,8 +38,8 @@ func (ts *testServer) adminJSON(t *testing.T, method, path string, in, out any) 
 
 func TestCreatedTokensExpireAndRevoke(t *testing.T) {
 	ts := startServer(t, t.TempDir(), nil)
-	var ti TokenInfo
-	if code := ts.adminJSON(t, "POST", api.PathTokens, TokenCreateRequest{TTL: 3600, Description: "ci"}, &ti); code != 200 {
+	var ti api.TokenInfo
+	if code := ts.adminJSON(t, "POST", api.PathTokens, api.TokenCreateRequest{TTL: 3600, Description: "ci"}, &ti); code != 200 {
 		t.Fatalf("create token: %d", code)
 	}
 	tok, err := token.Parse(ti.Token)
@@ -61,7 +61,7 @@ func TestCreatedTokensExpireAndRevoke(t *testing.T) {
 			t.Fatalf("token secret stored in the clear: %s", kv.Value)
 		}
 	}
-	var list []TokenInfo
+	var list []api.TokenInfo
 	ts.adminJSON(t, "GET", api.PathTokens, nil, &list)
 	if len(list) != 1 || list[0].ID != ti.ID || list[0].Token != "" {
 		t.Fatalf("token list = %+v, want one entry without its secret", list)
@@ -73,8 +73,8 @@ func TestCreatedTokensExpireAndRevoke(t *testing.T) {
 		t.Fatalf("join with a revoked token: %d, want 401", code)
 	}
 	// An expired token.
-	var short TokenInfo
-	ts.adminJSON(t, "POST", api.PathTokens, TokenCreateRequest{TTL: 1}, &short)
+	var short api.TokenInfo
+	ts.adminJSON(t, "POST", api.PathTokens, api.TokenCreateRequest{TTL: 1}, &short)
 	var jt joinToken
 	b, rev, _ := ts.store.Get(context.Background(), prefixTokens+short.ID)
 	json.Unmarshal(b, &jt)
@@ -102,7 +102,7 @@ func TestRotateServerTokenKeepsNodes(t *testing.T) {
 	ts := startServer(t, t.TempDir(), nil)
 	old := ts.Token()
 	a := mustJoin(t, ts, joinReq("a", 1, pwA))
-	var ti TokenInfo
+	var ti api.TokenInfo
 	if code := ts.adminJSON(t, "POST", api.PathTokens+"/rotate-server", nil, &ti); code != 200 || ti.Token == old || ti.Token != ts.Token() {
 		t.Fatalf("rotate: %d %+v", code, ti)
 	}
