@@ -1,10 +1,6 @@
 package agent
 
 import (
-	"bytes"
-	"context"
-	"fmt"
-	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -64,23 +60,4 @@ func (l *loop) observe(st []mesh.PeerStatus, now time.Time) []api.Observation {
 	}
 	slices.SortFunc(out, func(x, y api.Observation) int { return strings.Compare(x.Peer, y.Peer) })
 	return out
-}
-
-func (c *apiClient) report(ctx context.Context, body []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+api.PathReport, bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("report: %w", decodeError(resp))
-	}
-	return nil
 }

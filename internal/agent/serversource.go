@@ -12,12 +12,17 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/client"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/token"
 )
 
-// reportRetry is the wait before a report that failed is sent again.
-const reportRetry = time.Second
+const (
+	// reportRetry is the wait before a report that failed is sent again.
+	reportRetry = time.Second
+	// reportTimeout bounds sending one report.
+	reportTimeout = 5 * time.Second
+)
 
 // serverSource is the Source of a node of a Trellis cluster: it joins
 // through the servers, follows its netmap stream (deltas, resuming after a
@@ -30,13 +35,13 @@ type serverSource struct {
 	joined  chan struct{} // closed after the first join
 	once    sync.Once
 
-	reports *Mailbox[[]byte] // the newest report, encoded, not yet sent
-	kick    chan struct{}    // restarts the netmap stream
+	reports *Mailbox[api.Report] // the newest report not yet sent
+	kick    chan struct{}        // restarts the netmap stream
 
 	mu       sync.Mutex
-	client   *apiClient // guarded by mu; the joined client, nil before
-	announce api.Report // guarded by mu; the node's addresses, for joins
-	posted   []byte     // guarded by mu; the last report posted
+	client   *client.Client // guarded by mu; the joined client, nil before
+	announce api.Report     // guarded by mu; the node's addresses, for joins
+	posted   []byte         // guarded by mu; the last report posted, encoded
 }
 
 // serverSourceConfig is what a serverSource needs.
@@ -65,7 +70,7 @@ func newServerSource(cfg serverSourceConfig, first api.Report) *serverSource {
 		log:      cfg.Logger,
 		servers:  newServerList(cfg.Dir(serversFile), cfg.ServerURL, cfg.Aliases, cfg.Logger),
 		joined:   make(chan struct{}),
-		reports:  NewMailbox[[]byte](),
+		reports:  NewMailbox[api.Report](),
 		kick:     make(chan struct{}, 1),
 		announce: first,
 	}
@@ -87,7 +92,7 @@ func (s *serverSource) Report(r api.Report) {
 	s.posted = body
 	s.mu.Unlock()
 	if !same {
-		s.reports.Post(body)
+		s.reports.Post(r)
 	}
 }
 
@@ -97,7 +102,7 @@ func (s *serverSource) Reconnect() {
 	c := s.client
 	s.mu.Unlock()
 	if c != nil {
-		c.close()
+		c.Close()
 	}
 	select {
 	case s.kick <- struct{}{}:
@@ -114,7 +119,7 @@ func (s *serverSource) Run(ctx context.Context, out *Mailbox[Update]) error {
 		cancel()
 		wg.Wait()
 	}()
-	client, members, err := s.joinUntilDone(ctx)
+	c, members, err := s.joinUntilDone(ctx)
 	for {
 		if err != nil {
 			if ctx.Err() != nil {
@@ -122,8 +127,8 @@ func (s *serverSource) Run(ctx context.Context, out *Mailbox[Update]) error {
 			}
 			return err
 		}
-		err = s.follow(ctx, client, members, out)
-		client.close()
+		err = s.follow(ctx, c, members, out)
+		c.Close()
 		if err == nil || ctx.Err() != nil {
 			return nil
 		}
@@ -132,22 +137,21 @@ func (s *serverSource) Run(ctx context.Context, out *Mailbox[Update]) error {
 		}
 		// The credential was replaced or refused: join again.
 		s.log.Info("re-joining", "reason", err)
-		client, members, err = s.joinUntilDone(ctx)
+		c, members, err = s.joinUntilDone(ctx)
 	}
 }
 
 // joinUntilDone fetches and checks the CA, then joins, retrying network
 // errors forever and moving to another server after each failure.
-func (s *serverSource) joinUntilDone(ctx context.Context) (*apiClient, []api.Member, error) {
+func (s *serverSource) joinUntilDone(ctx context.Context) (*client.Client, []api.Member, error) {
 	wl := &waitLog{log: s.log, what: "the server at " + s.cfg.ServerURL}
 	for n := 0; ; n++ {
 		c, members, err := s.join(ctx)
 		if err == nil {
 			return c, members, nil
 		}
-		var pe *permanentError
-		if errors.As(err, &pe) {
-			return nil, nil, fmt.Errorf("join %s: %w", s.servers.current(), err)
+		if client.IsPermanent(err) {
+			return nil, nil, err // "join https://…: server refused (…): what to do"
 		}
 		if ctx.Err() != nil {
 			return nil, nil, ctx.Err()
@@ -160,9 +164,9 @@ func (s *serverSource) joinUntilDone(ctx context.Context) (*apiClient, []api.Mem
 	}
 }
 
-func (s *serverSource) join(ctx context.Context) (*apiClient, []api.Member, error) {
+func (s *serverSource) join(ctx context.Context) (*client.Client, []api.Member, error) {
 	srv := s.servers.current()
-	ca, err := fetchCA(ctx, srv, s.cfg.Token)
+	ca, err := client.FetchCA(ctx, srv, s.cfg.Token)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -189,9 +193,12 @@ func (s *serverSource) join(ctx context.Context) (*apiClient, []api.Member, erro
 		ListenPort:   s.cfg.ListenPort,
 	}
 	start := time.Now()
-	boot := newAPIClient(srv, ca, nil)
-	jr, err := boot.join(ctx, s.cfg.Token.String(), req)
-	boot.close()
+	boot, err := client.New(client.Config{URL: srv, CA: ca})
+	if err != nil {
+		return nil, nil, err
+	}
+	jr, err := boot.Join(ctx, s.cfg.Token.String(), req)
+	boot.Close()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -211,7 +218,10 @@ func (s *serverSource) join(ctx context.Context) (*apiClient, []api.Member, erro
 	if s.cfg.OnJoin != nil {
 		s.cfg.OnJoin(took)
 	}
-	c := newAPIClient(srv, ca, &cert)
+	c, err := client.New(client.Config{URL: srv, CA: ca, Certificate: &cert})
+	if err != nil {
+		return nil, nil, err
+	}
 	s.mu.Lock()
 	s.client = c
 	s.mu.Unlock()
@@ -222,7 +232,7 @@ func (s *serverSource) join(ctx context.Context) (*apiClient, []api.Member, erro
 // follow keeps the netmap stream open, reconnecting with backoff, and posts
 // every netmap to out. It returns nil when ctx ends, ErrDeleted, or an
 // error when the server no longer accepts this credential.
-func (s *serverSource) follow(ctx context.Context, c *apiClient, members []api.Member, out *Mailbox[Update]) error {
+func (s *serverSource) follow(ctx context.Context, c *client.Client, members []api.Member, out *Mailbox[Update]) error {
 	wl := &waitLog{log: s.log, what: "the netmap stream from " + s.cfg.ServerURL}
 	connected := false
 	var last *api.NetMap // as the server sent it, for the next stream to resume from
@@ -239,7 +249,7 @@ func (s *serverSource) follow(ctx context.Context, c *apiClient, members []api.M
 			case <-sctx.Done():
 			}
 		})
-		err := c.streamNetmaps(sctx, last, func(nm api.NetMap, delta bool) {
+		err := c.StreamNetmaps(sctx, last, func(nm api.NetMap, delta bool) {
 			last = &nm
 			if !connected {
 				connected, n = true, 0
@@ -248,9 +258,9 @@ func (s *serverSource) follow(ctx context.Context, c *apiClient, members []api.M
 				version = 0
 				// resumed: the server found the netmap unchanged and
 				// sent a delta to it instead of the whole netmap.
-				s.log.Info("netmap stream connected", "server", c.base, "resumed", delta)
+				s.log.Info("netmap stream connected", "server", c.Base(), "resumed", delta)
 			}
-			s.servers.update(c.base, nm.ServerName, nm.Servers)
+			s.servers.update(c.Base(), nm.ServerName, nm.Servers)
 			if nm.Version < version {
 				s.log.Debug("ignoring older netmap", "version", nm.Version, "have", version)
 				return
@@ -265,18 +275,18 @@ func (s *serverSource) follow(ctx context.Context, c *apiClient, members []api.M
 		}
 		if kicked {
 			s.log.Info("reconnecting the netmap stream from the node's new address")
-			c.close()
+			c.Close()
 			connected = false
 			continue
 		}
 		lost := connected
 		if connected {
-			s.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "server", c.base, "err", err)
+			s.log.Warn("netmap stream lost; the mesh keeps forwarding with the last netmap", "server", c.Base(), "err", err)
 			connected = false
 		}
-		var pe *permanentError
-		if errors.As(err, &pe) {
-			if pe.apiErr.Code == api.ErrCodeNodeDeleted {
+		if client.IsPermanent(err) {
+			var ce *client.Error
+			if errors.As(err, &ce) && ce.API.Code == api.ErrCodeNodeDeleted {
 				s.log.Error("this node was deleted from the cluster by an administrator; removing its peers. Restart the agent to join again.")
 				return ErrDeleted
 			}
@@ -296,19 +306,19 @@ func (s *serverSource) follow(ctx context.Context, c *apiClient, members []api.M
 
 // failover moves API calls to the next server of the list (when there is
 // another) and returns the client for it, with the same credential.
-func (s *serverSource) failover(c *apiClient) *apiClient {
+func (s *serverSource) failover(c *client.Client) *client.Client {
 	next := s.servers.next()
-	if next == c.base {
+	if next == c.Base() {
 		return c
 	}
-	c.close()
-	nc := &apiClient{base: next, http: c.http}
+	c.Close()
+	nc := c.WithBase(next)
 	s.mu.Lock()
 	if s.client == c {
 		s.client = nc
 	}
 	s.mu.Unlock()
-	s.log.Info("moving to another server", "from", c.base, "to", next)
+	s.log.Info("moving to another server", "from", c.Base(), "to", next)
 	return nc
 }
 
@@ -316,7 +326,7 @@ func (s *serverSource) failover(c *apiClient) *apiClient {
 // ends; one that fails is sent again after reportRetry (or replaced by a
 // newer one).
 func (s *serverSource) sendReports(ctx context.Context) {
-	var pending []byte
+	var pending *api.Report
 	joined := s.joined // nil once it fired: a closed channel is always ready
 	retry := time.NewTimer(0)
 	if !retry.Stop() {
@@ -328,8 +338,8 @@ func (s *serverSource) sendReports(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-s.reports.C():
-			if b, ok := s.reports.Take(); ok {
-				pending = b
+			if r, ok := s.reports.Take(); ok {
+				pending = &r
 			}
 		case <-retry.C:
 		case <-joined:
@@ -341,12 +351,15 @@ func (s *serverSource) sendReports(ctx context.Context) {
 		if pending == nil || c == nil {
 			continue
 		}
-		if err := c.report(ctx, pending); err != nil {
+		rctx, cancel := context.WithTimeout(ctx, reportTimeout)
+		err := c.Report(rctx, *pending)
+		cancel()
+		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
 			s.log.Debug("report failed; will retry", "err", err)
-			c.close() // the next try dials afresh
+			c.Close() // the next try dials afresh
 			retry.Reset(reportRetry)
 			continue
 		}
