@@ -40,6 +40,7 @@ Usage:
   trellis datastore snapshot save|restore FILE [--data-dir D]  back up or restore the datastore (SQLite, embedded etcd)
   trellis cleanup [--data-dir D]  remove what this node's agent created (interface, routes, bridge, CNI config, VPN routes); also: uninstall, agent --cleanup
   trellis token create [--ttl D]  make a join token for agents (also: list, revoke ID, rotate)
+  trellis egress-config [--transport uds|tcp] [--output FILE]  kube-apiserver's egress selector: logs, exec, port-forward through the tunnels
   trellis version
 
 Run 'trellis COMMAND -h' for the flags of a command. Every flag can also be
@@ -93,6 +94,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return runNodeDelete(ctx, args[2:], stdout, stderr, getenv)
 	case "datastore":
 		return runDatastore(ctx, args[1:], stdout, stderr, getenv)
+	case "egress-config":
+		return runEgressConfig(ctx, args[1:], stdout, stderr, getenv)
 	case "cleanup", "uninstall":
 		return runCleanup(ctx, args[1:], stderr, getenv)
 	case "version", "--version":

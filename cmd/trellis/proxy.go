@@ -18,18 +18,21 @@ import (
 
 // tunnelFlags are the agent's tunnel flags.
 type tunnelFlags struct {
-	statusPort int
-	allowPorts listFlag
+	statusPort  int
+	kubeletPort int
+	allowPorts  listFlag
 }
 
 func (t *tunnelFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&t.statusPort, "status-port", api.DefaultStatusPort, "127.0.0.1 port of the agent's status endpoint, always reachable by the server through the tunnel (-1: off)")
-	fs.Var(&t.allowPorts, "tunnel-allow-port", "127.0.0.1 port the server may reach through the tunnel, for 'trellis proxy' (repeatable)")
+	fs.Var(&t.allowPorts, "tunnel-allow-port", "port the server may reach through the tunnel on 127.0.0.1 and the node's addresses, for 'trellis proxy' (repeatable)")
+	fs.IntVar(&t.kubeletPort, "kubelet-port", agent.DefaultKubeletPort, "the kubelet's port: kube-apiserver reaches it on the node's addresses through the tunnel (trellis egress-config)")
 }
 
 // apply maps the tunnel flags onto c.
 func (t *tunnelFlags) apply(c *agent.Config) error {
 	c.StatusPort = t.statusPort
+	c.KubeletPort = t.kubeletPort
 	if c.StatusPort == 0 {
 		c.StatusPort = -1 // 0 on the command line means off, as -1
 	}

@@ -69,15 +69,25 @@ type Config struct {
 	// (--status-port), always reachable through the tunnel. Default
 	// api.DefaultStatusPort; negative turns the endpoint off.
 	StatusPort int
-	// TunnelAllowPorts are the other 127.0.0.1 ports the server may reach
-	// through the tunnel (--tunnel-allow-port).
+	// TunnelAllowPorts are the other ports the server may reach through
+	// the tunnel, on 127.0.0.1 and on the node's addresses
+	// (--tunnel-allow-port).
 	TunnelAllowPorts []int
+	// KubeletPort is the kubelet's port, which the server may reach on the
+	// node's addresses through the tunnel (kube-apiserver's logs, exec,
+	// port-forward through the Trellis egress). Default
+	// DefaultKubeletPort.
+	KubeletPort int
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
 	// Metrics, if set, receives the agent's Prometheus metrics
 	// (--metrics-address).
 	Metrics prometheus.Registerer
 }
+
+// DefaultKubeletPort is the kubelet's port unless --kubelet-port says
+// otherwise.
+const DefaultKubeletPort = 10250
 
 // Validate fills in defaults and checks the values.
 func (c *Config) Validate() error {

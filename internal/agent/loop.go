@@ -119,7 +119,8 @@ type snapshot struct {
 	relayed       int
 	vpn           *api.VPNStatus
 	vpnMTU        int
-	failing       []string // parts of the data plane that fail to apply
+	failing       []string     // parts of the data plane that fail to apply
+	local         []netip.Addr // the host's addresses (the tunnel may dial them)
 }
 
 func newLoop(c loopConfig) *loop {
@@ -525,6 +526,7 @@ func (l *loop) publish(st []mesh.PeerStatus, vpnStatus *api.VPNStatus, now time.
 		peers:        make([]api.PeerStatus, 0, len(st)),
 		vpn:          vpnStatus,
 		vpnMTU:       l.vpnLink.MTU,
+		local:        l.addrs.Local,
 	}
 	if l.have {
 		s.netmapVersion, s.netmapAt, s.relayed = l.nm.Version, l.netmapAt, l.relayed

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync"
@@ -23,6 +24,12 @@ func (c *Config) validateTunnel() error {
 	}
 	if c.StatusPort > 65535 {
 		return fmt.Errorf("--status-port %d is out of range 1-65535", c.StatusPort)
+	}
+	if c.KubeletPort == 0 {
+		c.KubeletPort = DefaultKubeletPort
+	}
+	if c.KubeletPort < 0 || c.KubeletPort > 65535 {
+		return fmt.Errorf("--kubelet-port %d is out of range 1-65535", c.KubeletPort)
 	}
 	for _, p := range c.TunnelAllowPorts {
 		if p < 1 || p > 65535 {
@@ -64,13 +71,22 @@ func (a *Agent) newTunnel(serverURL string) (*tunnel.Client, error) {
 		statusPort = a.cfg.StatusPort
 	}
 	return tunnel.NewClient(tunnel.ClientConfig{
-		ServerURL:  serverURL,
-		NodeName:   a.cfg.NodeName,
-		TLSConfig:  a.tunnelTLS,
-		StatusPort: statusPort,
-		AllowPorts: a.cfg.TunnelAllowPorts,
-		Logger:     a.log,
+		ServerURL:    serverURL,
+		NodeName:     a.cfg.NodeName,
+		TLSConfig:    a.tunnelTLS,
+		StatusPort:   statusPort,
+		AllowPorts:   a.cfg.TunnelAllowPorts,
+		KubeletPort:  a.cfg.KubeletPort,
+		Destinations: a.tunnelDestinations,
+		Logger:       a.log,
 	})
+}
+
+// tunnelDestinations are the addresses the tunnel may dial besides the
+// loopback: the host's own (its kubelet) and its pods' (the pod CIDRs).
+func (a *Agent) tunnelDestinations() ([]netip.Addr, []netip.Prefix) {
+	s := a.loop.snapshot()
+	return s.local, s.self.PodCIDRs
 }
 
 // tunnelTLS reads the CA and the node's current certificate from the data
