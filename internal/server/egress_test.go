@@ -89,6 +89,11 @@ func connect(t *testing.T, conn net.Conn, target string) string {
 func TestEgressDoors(t *testing.T) {
 	ts := startServer(t, t.TempDir(), nil)
 	mustJoin(t, ts, joinReq("a", 1, pwA))
+	for deadline := time.Now().Add(10 * time.Second); len(ts.hub.snapshot().nodes) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the joined node never reached the hub")
+		}
+	}
 	sock := filepath.Join(ts.dir, "server", EgressSocketName)
 	fi, err := os.Stat(sock)
 	if err != nil || fi.Mode().Perm() != 0o600 || fi.Mode()&os.ModeSocket == 0 {
