@@ -194,9 +194,16 @@ func Start(t testing.TB, o Options) *Env {
 			"--kubeconfig=" + e.AdminKubeconfig,
 			"--controllers=nodeipam", "--allocate-node-cidrs=true",
 			"--cluster-cidr=" + joinPrefixes(o.NodeIPAM),
-			"--node-cidr-mask-size-ipv4=24", "--node-cidr-mask-size-ipv6=64",
 			"--service-cluster-ip-range=" + ServiceCIDR,
 			"--leader-elect=false", "--use-service-account-credentials=false", "--secure-port=0",
+		}
+		// A mask size flag of a family the cluster lacks is an error.
+		for _, p := range o.NodeIPAM {
+			if p.Addr().Is4() {
+				args = append(args, "--node-cidr-mask-size-ipv4=24")
+			} else {
+				args = append(args, "--node-cidr-mask-size-ipv6=64")
+			}
 		}
 		e.start("kube-controller-manager", e.controller, args...)
 	}
@@ -265,6 +272,13 @@ func (e *Env) RegisterNode(t testing.TB, name string, annotations map[string]str
 	return n
 }
 
+// AdminKubeconfigVia writes a kubeconfig of the admin that reaches the
+// API server at url (a proxy in front of it) and returns its path.
+func (e *Env) AdminKubeconfigVia(name, url string) string {
+	return e.writeKubeconfigFor(name, url, fmt.Sprintf("client-certificate-data: %s\n    client-key-data: %s",
+		base64.StdEncoding.EncodeToString(e.admin.CertData), base64.StdEncoding.EncodeToString(e.admin.KeyData)))
+}
+
 // TokenKubeconfig writes a kubeconfig for bearer token tok and returns
 // its path.
 func (e *Env) TokenKubeconfig(name, tok string) string {
@@ -291,11 +305,20 @@ func (e *Env) ServiceAccountKubeconfig(t testing.TB, namespace, name string) str
 	return e.TokenKubeconfig("sa-"+namespace+"-"+name, tr.Status.Token)
 }
 
+// HasKubectl reports whether kubectl is built (scripts/build-kube.sh
+// builds it after the others).
+func (e *Env) HasKubectl() bool {
+	_, err := os.Stat(e.kubectl)
+	return err == nil
+}
+
 // Kubectl runs kubectl with the admin kubeconfig and returns its
-// combined output.
+// combined output; an error if kubectl is not built.
 func (e *Env) Kubectl(t testing.TB, args ...string) (string, error) {
 	t.Helper()
-	Require(t, binKubectl)
+	if _, err := os.Stat(e.kubectl); err != nil {
+		return "", fmt.Errorf("kubectl is not in %s (scripts/build-kube.sh builds it): %w", Dir(), err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, e.kubectl, append([]string{"--kubeconfig", e.AdminKubeconfig}, args...)...).CombinedOutput()
@@ -323,6 +346,10 @@ func NewClient(t testing.TB, rc *rest.Config) kubernetes.Interface {
 }
 
 func (e *Env) writeKubeconfig(name, user string) string {
+	return e.writeKubeconfigFor(name, e.Server, user)
+}
+
+func (e *Env) writeKubeconfigFor(name, server, user string) string {
 	path := filepath.Join(e.Dir, name+".kubeconfig")
 	b := fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -339,7 +366,7 @@ contexts:
 - name: test
   context: {cluster: test, user: %s}
 current-context: test
-`, e.Server, base64.StdEncoding.EncodeToString(e.ca.certPEM), name, user, name)
+`, server, base64.StdEncoding.EncodeToString(e.ca.certPEM), name, user, name)
 	must(e.t, os.WriteFile(path, []byte(b), 0o600))
 	return path
 }
@@ -428,12 +455,18 @@ func (p *proc) stop() {
 }
 
 // stopAll stops every process, last started first, and shows the end of
-// their logs when the test failed.
+// their logs when the test failed. A process that exited by itself fails
+// the test: whatever the test saw was not what it meant to test.
 func (e *Env) stopAll() {
 	for _, name := range []string{"kube-controller-manager", "kube-apiserver", "etcd"} {
 		p := e.procs[name]
 		if p == nil {
 			continue
+		}
+		select {
+		case <-p.done:
+			e.t.Errorf("%s exited during the test: %v", name, p.err)
+		default:
 		}
 		p.stop()
 		if e.t.Failed() {
