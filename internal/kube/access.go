@@ -39,6 +39,17 @@ var permissions = []permission{
 	{verb: "patch", resource: "events", namespace: eventNamespace},
 }
 
+// Permissions lists what the Trellis server needs in Kubernetes, one
+// "verb resource[/subresource]" each: the rules of the ClusterRole in
+// deploy/kubernetes/rbac.yaml.
+func Permissions() []string {
+	out := make([]string, len(permissions))
+	for i, p := range permissions {
+		out[i] = p.String()
+	}
+	return out
+}
+
 // rbacHint says how to grant what is missing.
 const rbacHint = "apply the ClusterRole and ClusterRoleBinding of deploy/kubernetes/rbac.yaml (nodes: get, list, watch, patch; nodes/status: patch; events: create, patch) and bind the ClusterRole to the identity of the kubeconfig"
 

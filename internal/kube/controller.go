@@ -20,8 +20,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
@@ -66,10 +67,11 @@ type Controller struct {
 	user   string // as Kubernetes authenticates us; "" if unknown
 	now    func() time.Time
 
-	factory informers.SharedInformerFactory
-	nodes   cache.SharedIndexInformer
-	lister  corelisters.NodeLister
-	queue   workqueue.TypedRateLimitingInterface[string]
+	nodes  cache.SharedIndexInformer
+	lister corelisters.NodeLister
+	queue  workqueue.TypedRateLimitingInterface[string]
+	// unreachable: the API server did not answer the last list or watch.
+	unreachable atomic.Bool
 
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -128,6 +130,7 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 		hc.CloseIdleConnections()
 		return nil, err
 	case err != nil:
+		c.unreachable.Store(true)
 		log.Warn("the Kubernetes API server does not answer; serving the last known state and following Nodes once it does", "config", source, "server", rc.Host, "err", err)
 	default:
 		log.Info("Kubernetes mode: pod CIDRs come from Nodes", "config", source, "server", rc.Host, "user", c.user,
@@ -141,9 +144,12 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	c.queue = workqueue.NewTypedRateLimitingQueueWithConfig(
 		workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second),
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "trellis-nodes"})
-	c.factory = informers.NewSharedInformerFactoryWithOptions(client, cfg.Resync, informers.WithTransform(trimNode))
-	inf := c.factory.Core().V1().Nodes()
-	c.nodes, c.lister = inf.Informer(), inf.Lister()
+	c.nodes = cache.NewSharedIndexInformerWithOptions(c.listWatch(), &corev1.Node{}, cache.SharedIndexInformerOptions{ResyncPeriod: cfg.Resync})
+	c.lister = corelisters.NewNodeLister(c.nodes.GetIndexer())
+	if err := c.nodes.SetTransform(trimNode); err != nil {
+		stop()
+		return nil, err
+	}
 	if err := c.nodes.SetWatchErrorHandlerWithContext(c.watchError); err != nil {
 		stop()
 		return nil, err
@@ -156,7 +162,11 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 		stop()
 		return nil, err
 	}
-	c.factory.StartWithContext(runCtx)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.nodes.RunWithContext(runCtx)
+	}()
 	c.wg.Add(2 + cfg.Workers)
 	go func() {
 		defer c.wg.Done()
@@ -184,7 +194,6 @@ func (c *Controller) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
 		c.queue.ShutDown()
-		c.factory.Shutdown()
 		c.wg.Wait()
 		c.http.CloseIdleConnections()
 	})
@@ -194,6 +203,60 @@ func (c *Controller) Close() error {
 // Stats returns what the controller wrote so far.
 func (c *Controller) Stats() Stats {
 	return Stats{NodePatches: c.nodePatches.Load(), StatusPatches: c.statusPatches.Load(), Events: c.events.Load()}
+}
+
+// listWatch lists and watches Nodes, patiently: a call that cannot reach
+// the API server is tried again every second until it does, instead of
+// going back to the reflector, whose retry backoff grows to 30-60 s in an
+// outage. So the informer catches up within about a second of the API
+// server's return. Answers of the API server (a denial, an expired
+// resource version) go back at once.
+func (c *Controller) listWatch() cache.ListerWatcher {
+	nodes := c.client.CoreV1().Nodes()
+	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+			return patiently(ctx, c, func(ctx context.Context) (runtime.Object, error) { return nodes.List(ctx, opts) })
+		},
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			return patiently(ctx, c, func(ctx context.Context) (watch.Interface, error) { return nodes.Watch(ctx, opts) })
+		},
+	}, c.client)
+}
+
+// patiently calls call until it reaches the API server or ctx ends, and
+// logs when the API server stops and starts answering.
+func patiently[T any](ctx context.Context, c *Controller, call func(context.Context) (T, error)) (T, error) {
+	for {
+		v, err := call(ctx)
+		if err == nil || !unreachable(err) || ctx.Err() != nil {
+			if err == nil && c.unreachable.CompareAndSwap(true, false) {
+				c.log.Info("the Kubernetes API server answers again; catching up with the Nodes")
+			}
+			return v, err
+		}
+		if !c.unreachable.Swap(true) {
+			c.log.Warn("the Kubernetes API server does not answer; keeping the last known state (the mesh is unchanged) and trying every second", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return v, err
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// unreachable reports whether err means the API server was not reached
+// or could not serve: no answer at all, or 429, 503 or 504.
+func unreachable(err error) bool {
+	var st apierrors.APIStatus
+	if errors.As(err, &st) {
+		switch st.Status().Code {
+		case http.StatusTooManyRequests, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+			return true
+		}
+		return false
+	}
+	return true
 }
 
 // trimNode drops what Trellis never reads from the cached Nodes (images
@@ -375,7 +438,13 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 		return c.mesh.ClearPodCIDRs(ctx, name, m.NodeUID)
 	}
 	cond, err := c.syncPodCIDRs(ctx, node, m)
-	errs := []error{err, c.syncAddresses(ctx, node, m), c.patchAnnotations(ctx, node, wantAnnotations(m))}
+	moved, aerr := c.syncAddresses(ctx, node, m)
+	errs := []error{err, aerr}
+	if !moved {
+		// (With new addresses the endpoints change too: the annotations
+		// follow when the record is seen, in one patch.)
+		errs = append(errs, c.patchAnnotations(ctx, node, wantAnnotations(m)))
+	}
 	if cond != nil {
 		errs = append(errs, c.patchCondition(ctx, node, *cond))
 	}
@@ -521,8 +590,9 @@ func (c *Controller) allocate(ctx context.Context, node *corev1.Node) error {
 	return nil
 }
 
-// syncAddresses stores the addresses of the Node's k3s.io annotations.
-func (c *Controller) syncAddresses(ctx context.Context, node *corev1.Node, m *Member) error {
+// syncAddresses stores the addresses of the Node's k3s.io annotations,
+// and reports whether they changed.
+func (c *Controller) syncAddresses(ctx context.Context, node *corev1.Node, m *Member) (bool, error) {
 	ext, err1 := ParseAddressList(node.Annotations[AnnotationK3sExternalIP])
 	in, err2 := ParseAddressList(node.Annotations[AnnotationK3sInternalIP])
 	if err := errors.Join(err1, err2); err != nil {
@@ -535,13 +605,13 @@ func (c *Controller) syncAddresses(ctx context.Context, node *corev1.Node, m *Me
 		}
 	}
 	if slices.Equal(ext, m.KubeExternalIPs) && slices.Equal(in, m.KubeInternalIPs) {
-		return nil
+		return false, nil
 	}
 	err := c.mesh.SetKubeAddresses(ctx, node.Name, ext, in)
 	if errors.Is(err, ErrNoMember) {
-		return nil
+		return false, nil
 	}
-	return err
+	return err == nil, err
 }
 
 // patchAnnotations gives the Node the annotations want, if it lacks them.

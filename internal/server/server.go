@@ -194,7 +194,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	if cfg.Kube != nil {
 		if s.kube, err = kube.Start(ctx, *cfg.Kube, kubeMesh{s}); err != nil {
-			return nil, fmt.Errorf("kubernetes: %w", err)
+			return nil, err
 		}
 	}
 	s.log.Info("server listening", "url", "https://"+ln.Addr().String(), "node", cfg.NodeName,
