@@ -1,5 +1,6 @@
 // Package kubetest starts a real Kubernetes control plane for tests on
-// loopback: etcd (etcdembed), kube-apiserver and, when asked,
+// loopback (or in a network namespace, see Options.NetNS): etcd
+// (etcdembed), kube-apiserver and, when asked,
 // kube-controller-manager running only its node IPAM. Nodes register as
 // kubelets do, with client certificates of system:node:<name> through the
 // Node authorizer and the NodeRestriction admission. The binaries are
@@ -99,6 +100,25 @@ type Options struct {
 	// these cluster CIDRs (at most one per family): a /24 per node of an
 	// IPv4 range and a /64 of an IPv6 one.
 	NodeIPAM []netip.Prefix
+
+	// NetNS, if set, names a network namespace (/run/netns/NetNS) that
+	// etcd, kube-apiserver and kube-controller-manager run in, entered
+	// with nsenter --net. The Env's clients, Kubectl and DialContext
+	// reach the API server there.
+	NetNS string
+	// Address is where the API server listens and what it advertises
+	// (and an IP of its serving certificate); default 127.0.0.1. etcd
+	// listens on 127.0.0.1 always.
+	Address netip.Addr
+	// Kubelets makes the API server a client of real kubelets: it
+	// authenticates to them with a certificate of
+	// kube-apiserver-kubelet-client in group system:masters, and it
+	// checks their serving certificates against the CA (CAFile; issue
+	// them with ServingCert).
+	Kubelets bool
+	// APIServerArgs are more kube-apiserver flags, after the harness's
+	// own (for a flag given twice the later one wins).
+	APIServerArgs []string
 }
 
 // Env is a running control plane. Everything it started is stopped when
@@ -113,6 +133,9 @@ type Env struct {
 	AdminKubeconfig string
 	// StartedIn is how long the control plane took to be ready.
 	StartedIn time.Duration
+	// CAFile is the CA certificate (PEM) that signs every certificate
+	// of the harness and that the API server trusts for clients.
+	CAFile string
 
 	t          testing.TB
 	ca         *authority
@@ -122,6 +145,8 @@ type Env struct {
 	procs      map[string]*proc
 	kubectl    string
 	controller string
+	netns      string
+	dial       func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Start brings up etcd and kube-apiserver (and kube-controller-manager if
@@ -134,7 +159,15 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	paths := Require(t, bins...)
 	t0 := time.Now()
-	e := &Env{t: t, Dir: t.TempDir(), procs: map[string]*proc{}, apiPath: paths[1], kubectl: filepath.Join(Dir(), binKubectl)}
+	e := &Env{t: t, Dir: t.TempDir(), procs: map[string]*proc{}, apiPath: paths[1], kubectl: filepath.Join(Dir(), binKubectl), netns: o.NetNS}
+	e.dial = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	if o.NetNS != "" {
+		e.dial = netnsDialer(o.NetNS)
+	}
+	addr := netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	if o.Address.IsValid() {
+		addr = o.Address
+	}
 	t.Cleanup(e.stopAll)
 	var err error
 	if e.ca, err = newAuthority(); err != nil {
@@ -149,9 +182,10 @@ func Start(t testing.TB, o Options) *Env {
 	must(t, os.MkdirAll(pki, 0o700))
 	caFile := filepath.Join(pki, "ca.crt")
 	must(t, os.WriteFile(caFile, e.ca.certPEM, 0o644))
+	e.CAFile = caFile
 	servingCert, servingKey, err := e.ca.issue(pkix.Name{CommonName: "kube-apiserver"}, true,
 		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-		[]net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(10, 96, 0, 1)})
+		[]net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(10, 96, 0, 1), addr.AsSlice()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,10 +196,10 @@ func Start(t testing.TB, o Options) *Env {
 	if err := writeSAKeys(saPub, saKey); err != nil {
 		t.Fatal(err)
 	}
-	e.Server = fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	e.Server = "https://" + netip.AddrPortFrom(addr, uint16(apiPort)).String()
 	e.apiArgs = []string{
 		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+		"--bind-address=" + addr.String(), "--advertise-address=" + addr.String(),
 		"--secure-port=" + strconv.Itoa(apiPort),
 		"--tls-cert-file=" + certFile, "--tls-private-key-file=" + keyFile,
 		"--client-ca-file=" + caFile,
@@ -179,11 +213,26 @@ func Start(t testing.TB, o Options) *Env {
 		"--endpoint-reconciler-type=none", // 1.37 refuses a loopback address for the kubernetes Service
 		"--cert-dir=" + filepath.Join(e.Dir, "apiserver-certs"),
 	}
+	if o.Kubelets {
+		cert, key, err := e.ca.issue(pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}}, false, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		certFile, keyFile := filepath.Join(pki, "kubelet-client.crt"), filepath.Join(pki, "kubelet-client.key")
+		must(t, os.WriteFile(certFile, cert, 0o644))
+		must(t, os.WriteFile(keyFile, key, 0o600))
+		e.apiArgs = append(e.apiArgs, "--kubelet-client-certificate="+certFile, "--kubelet-client-key="+keyFile,
+			"--kubelet-certificate-authority="+caFile)
+	}
+	e.apiArgs = append(e.apiArgs, o.APIServerArgs...)
 	adminCert, adminKey, err := e.ca.issue(pkix.Name{CommonName: "trellis-test-admin", Organization: []string{"system:masters"}}, false, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.admin = &rest.Config{Host: e.Server, TLSClientConfig: rest.TLSClientConfig{CAData: e.ca.certPEM, CertData: adminCert, KeyData: adminKey}}
+	if o.NetNS != "" {
+		e.admin.Dial = e.dial
+	}
 	e.AdminKubeconfig = e.writeKubeconfig("admin", fmt.Sprintf("client-certificate-data: %s\n    client-key-data: %s",
 		base64.StdEncoding.EncodeToString(adminCert), base64.StdEncoding.EncodeToString(adminKey)))
 	e.StartAPIServer()
@@ -254,7 +303,9 @@ func (e *Env) NodeClient(t testing.TB, name string) kubernetes.Interface {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return NewClient(t, &rest.Config{Host: e.Server, TLSClientConfig: rest.TLSClientConfig{CAData: e.ca.certPEM, CertData: cert, KeyData: key}})
+	rc := rest.CopyConfig(e.admin)
+	rc.TLSClientConfig = rest.TLSClientConfig{CAData: e.ca.certPEM, CertData: cert, KeyData: key}
+	return NewClient(t, rc)
 }
 
 // RegisterNode creates the Node of name with its own credentials, as its
@@ -321,7 +372,7 @@ func (e *Env) Kubectl(t testing.TB, args ...string) (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, e.kubectl, append([]string{"--kubeconfig", e.AdminKubeconfig}, args...)...).CombinedOutput()
+	out, err := e.KubectlCommand(ctx, args...).CombinedOutput()
 	return string(out), err
 }
 
@@ -331,7 +382,9 @@ func (e *Env) Kubectl(t testing.TB, args ...string) (string, error) {
 func NewClient(t testing.TB, rc *rest.Config) kubernetes.Interface {
 	t.Helper()
 	rc = rest.CopyConfig(rc)
-	rc.Dial = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	if rc.Dial == nil {
+		rc.Dial = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	}
 	rc.QPS, rc.Burst = 100, 200
 	hc, err := rest.HTTPClientFor(rc)
 	if err != nil {
@@ -381,7 +434,7 @@ func (e *Env) waitReady(p *proc) {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(e.ca.certPEM)
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}}}
+	tr := &http.Transport{DialContext: e.dial, TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}}}
 	defer tr.CloseIdleConnections()
 	c := &http.Client{Transport: tr, Timeout: 2 * time.Second}
 	deadline := time.Now().Add(2 * time.Minute)
@@ -426,6 +479,12 @@ func (e *Env) start(name, path string, args ...string) *proc {
 		e.t.Fatal(err)
 	}
 	cmd := exec.Command(path, args...)
+	if e.netns != "" {
+		// nsenter enters only the network namespace and then executes
+		// path, which keeps nsenter's PID (`ip netns exec` would also
+		// remount /sys).
+		cmd = exec.Command("nsenter", append([]string{"--net=" + netnsPath(e.netns), "--", path}, args...)...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	// Killed with the test binary even if it dies without cleaning up.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
