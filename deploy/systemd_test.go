@@ -1,6 +1,7 @@
-// Package deploy holds the files that install Trellis on a machine: the
-// systemd units in systemd/ (installed by scripts/install.sh). Its tests
-// check them with systemd-analyze.
+// Package deploy holds the files that install Trellis: the systemd units
+// in systemd/ (installed by scripts/install.sh) and the Kubernetes
+// manifests in kubernetes/. Its tests check the units with
+// systemd-analyze and the manifests against a real API server.
 package deploy
 
 import (

@@ -147,3 +147,51 @@ func FuzzParseConfig(f *testing.F) {
 		_ = settle(fs, func(string) string { return "" }, []configFile{cf})
 	})
 }
+
+// TestKubeconfigFlag: --kubeconfig (or TRELLIS_KUBECONFIG, or the key
+// kubeconfig in a config file) puts the server in Kubernetes mode, as
+// running in a pod with a service account does; without either it stays
+// out of it.
+func TestKubeconfigFlag(t *testing.T) {
+	file, err := parseConfig("/etc/trellis/config.yaml", []byte("kubeconfig: /etc/rancher/k3s/k3s.yaml\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		env       map[string]string
+		files     []configFile
+		inCluster bool
+		want      string // "" for no Kubernetes mode, "in-cluster", or the path
+	}{
+		{"none", nil, nil, nil, false, ""},
+		{"flag", []string{"--kubeconfig=/root/.kube/config"}, nil, nil, false, "/root/.kube/config"},
+		{"env", nil, map[string]string{"TRELLIS_KUBECONFIG": "/etc/kube.yaml"}, nil, false, "/etc/kube.yaml"},
+		{"config file", nil, nil, []configFile{file}, false, "/etc/rancher/k3s/k3s.yaml"},
+		{"in a pod", nil, nil, nil, true, "in-cluster"},
+		{"in a pod with a kubeconfig", []string{"--kubeconfig=/k"}, nil, nil, true, "/k"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fs, _, sf := newServerFlags()
+			fs.SetOutput(io.Discard)
+			if err := fs.Parse(tc.args); err != nil {
+				t.Fatal(err)
+			}
+			if err := settle(fs, func(k string) string { return tc.env[k] }, tc.files); err != nil {
+				t.Fatal(err)
+			}
+			kc := sf.kubeConfig(tc.inCluster)
+			got := ""
+			switch {
+			case kc != nil && kc.Kubeconfig == "":
+				got = "in-cluster"
+			case kc != nil:
+				got = kc.Kubeconfig
+			}
+			if got != tc.want {
+				t.Fatalf("Kubernetes mode %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

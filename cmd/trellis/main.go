@@ -18,8 +18,11 @@ import (
 	"strings"
 	"syscall"
 
+	"k8s.io/klog/v2"
+
 	"github.com/trellis-mesh/trellis/internal/agent"
 	"github.com/trellis-mesh/trellis/internal/cli"
+	"github.com/trellis-mesh/trellis/internal/kube"
 	"github.com/trellis-mesh/trellis/internal/mesh"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/server"
@@ -268,6 +271,7 @@ type serverFlags struct {
 	flannelExternal bool
 	datastore       string
 	agentToken      string
+	kubeconfig      string
 	ha              haFlags // ha.go
 }
 
@@ -284,6 +288,7 @@ func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
 	fs.BoolVar(&sf.flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
 	fs.StringVar(&sf.datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
 	fs.StringVar(&sf.agentToken, "agent-token", "", "a second join token that joins agents only")
+	fs.StringVar(&sf.kubeconfig, "kubeconfig", "", "follow the Nodes of this Kubernetes cluster: pod CIDRs from spec.podCIDRs, status on the Nodes (default: the in-cluster config when running in a pod; docs/kubernetes.md)")
 	sf.ha.register(fs)
 	return fs, &n, &sf
 }
@@ -317,6 +322,11 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 		DataDir: n.dataDir, NodeName: ac.NodeName, Port: sf.port, NodeIPs: ac.NodeIPs, ExternalIPs: ac.ExternalIPs,
 		TLSSANs: sf.tlsSANs, ClusterCIDRs: cidrs, ForceExternal: sf.flannelExternal, Token: tok,
 		DatastoreEndpoint: sf.datastore, Logger: log, AgentToken: sf.agentToken, HA: sf.ha.config(),
+		Kube: sf.kubeConfig(kube.InCluster()),
+	}
+	if sc.Kube != nil {
+		// client-go logs through klog where it has no context: into this log.
+		klog.SetSlogLogger(log.With("component", "kubernetes"))
 	}
 	if sf.bind != "" {
 		if sc.BindAddress, err = parseAddr("bind-address", sf.bind); err != nil {
@@ -354,6 +364,16 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	}
 	<-ctx.Done()
 	return nil
+}
+
+// kubeConfig returns the Kubernetes settings of the server: with
+// --kubeconfig, or in a pod with a service account, the server follows
+// the cluster's Nodes; otherwise nil.
+func (sf *serverFlags) kubeConfig(inCluster bool) *kube.Config {
+	if sf.kubeconfig == "" && !inCluster {
+		return nil
+	}
+	return &kube.Config{Kubeconfig: sf.kubeconfig}
 }
 
 func parseAddr(flagName, v string) (a netip.Addr, err error) {

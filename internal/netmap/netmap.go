@@ -186,7 +186,8 @@ func (v *View) index() {
 		if _, taken := v.keyOwner[n.PublicKey]; !taken && hasDataPlane(n) && len(allowed) > 0 {
 			v.keyOwner[n.PublicKey] = n.Name
 		}
-		if relayCapable(n) && hasDataPlane(n) {
+		if relayCapable(n) && hasDataPlane(n) && len(allowed) > 0 {
+			// A node without pod CIDRs is no one's peer: it cannot relay.
 			v.relays = append(v.relays, n)
 		}
 	}
@@ -258,7 +259,9 @@ func hasDataPlane(n *api.Node) bool { return !n.PublicKey.IsZero() && n.ListenPo
 // Peers returns the peers of the node named self, sorted by name; their
 // AllowedIPs may be shared with other netmaps of the view: read-only. Nodes
 // without a data plane (no key, no listen port or no pod CIDR) and entries
-// that fail the sanity checks are left out. A peer reached through a relay
+// that fail the sanity checks are left out. A node without a pod CIDR of
+// its own (in Kubernetes mode, until its Node has one) has no peers: it
+// is not in the mesh. A peer reached through a relay
 // is listed with no allowed IPs (a probe of the direct path) and its pod
 // CIDRs go to the relay's entry.
 func (v *View) Peers(self string) []api.Peer {
@@ -324,7 +327,7 @@ func (v *View) Peer(self, name string) (peer api.Peer, direct, ok bool) {
 // entry computes me's peer entry for n, without the pod CIDRs of peers
 // relayed through n. Its AllowedIPs are shared: read-only.
 func (v *View) entry(me, n *api.Node) (api.Peer, api.Path, bool) {
-	if n == me || !hasDataPlane(n) || n.PublicKey == me.PublicKey || v.keyOwner[n.PublicKey] != n.Name {
+	if n == me || !hasDataPlane(n) || n.PublicKey == me.PublicKey || v.keyOwner[n.PublicKey] != n.Name || len(v.allowed[me.Name]) == 0 {
 		return api.Peer{}, api.Path{}, false
 	}
 	allowed := v.allowed[n.Name]
@@ -356,12 +359,13 @@ func comparePrefix(a, b netip.Prefix) int {
 	return a.Bits() - b.Bits()
 }
 
-// Paths returns how every node reaches every other, sorted by From, To.
+// Paths returns how every node in the mesh (with a data plane and a pod
+// CIDR) reaches every other, sorted by From, To.
 func (v *View) Paths() []api.Path {
 	var out []api.Path
 	names := make([]string, 0, len(v.byName))
 	for name, n := range v.byName {
-		if hasDataPlane(n) {
+		if hasDataPlane(n) && len(v.allowed[name]) > 0 {
 			names = append(names, name)
 		}
 	}
@@ -613,6 +617,27 @@ func AllowedIPs(n *api.Node, clusterCIDRs []netip.Prefix) []netip.Prefix {
 				out = append(out, pc)
 				break
 			}
+		}
+	}
+	return out
+}
+
+// PublicEndpoints returns where a node on another network reaches n, at
+// most one per address family (IPv4 first): what Endpoint chooses for a
+// peer that shares no network with n, without observations. That is n's
+// external IP, else a public address on its interface. A node behind NAT
+// without an external IP has none: its peers learn its NAT mapping from
+// their reports, which change too often to be published outside the
+// netmap.
+func PublicEndpoints(n *api.Node, p Policy) []netip.AddrPort {
+	if n.ListenPort == 0 {
+		return nil
+	}
+	v, stranger := &View{policy: p}, &api.Node{}
+	var out []netip.AddrPort
+	for _, v6 := range []bool{false, true} {
+		if ep := v.endpointIn(stranger, n, v6); ep.IsValid() {
+			out = append(out, ep)
 		}
 	}
 	return out

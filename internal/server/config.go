@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+
+	"github.com/trellis-mesh/trellis/internal/kube"
 )
 
 // Config holds everything a server needs. Zero values are replaced by the
@@ -53,6 +55,12 @@ type Config struct {
 	// (egress.go) reaches that port on the node's addresses. Default
 	// DefaultKubeletPort.
 	KubeletPort func(node string) int
+	// Kube, if set, makes the server follow the Nodes of a Kubernetes
+	// cluster (--kubeconfig, or in-cluster): a node's pod CIDRs are its
+	// Node's spec.podCIDRs, and a join allocates none (kube.go,
+	// internal/kube). Its ClusterCIDRs, Logger and Instance are filled
+	// in from this Config.
+	Kube *kube.Config
 }
 
 // Validate fills in defaults and checks the values.
@@ -96,6 +104,18 @@ func (c *Config) Validate() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.Kube != nil {
+		c.Kube.ClusterCIDRs = c.ClusterCIDRs
+		if c.Kube.Logger == nil {
+			c.Kube.Logger = c.Logger
+		}
+		if c.Kube.Instance == "" {
+			c.Kube.Instance = c.NodeName
+		}
+		if err := c.Kube.Validate(); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -738,6 +738,8 @@ func (h *hub) setRemoteReady(ready map[string]string) {
 	if len(flipped) > 0 {
 		// As for local streams: only a relay's readiness changes netmaps.
 		h.publishLocked(flipped)
+	} else {
+		h.statusChangedLocked()
 	}
 }
 

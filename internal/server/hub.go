@@ -2,6 +2,7 @@ package server
 
 import (
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -25,6 +26,7 @@ type hub struct {
 	seq     int64                  // guarded by mu; counts publications (version may repeat)
 	history []published            // guarded by mu; what the last publications changed
 	changed chan struct{}          // guarded by mu; closed on change
+	status  chan struct{}          // guarded by mu; closed on a change of a record or of any node's readiness
 	streams map[string]*streamInfo // guarded by mu; open netmap streams by node
 	seen    map[string]int64       // guarded by mu; version each node's stream last computed
 	remote  map[string]string      // guarded by mu; nodes with a stream on any server (ha.go)
@@ -62,6 +64,7 @@ func newHub(p netmap.Policy) *hub {
 		view:    netmap.NewView(nil, p),
 		records: map[string]record{},
 		changed: make(chan struct{}),
+		status:  make(chan struct{}),
 		streams: map[string]*streamInfo{},
 		seen:    map[string]int64{},
 	}
@@ -139,13 +142,37 @@ func (h *hub) publishLocked(changed []string) {
 	h.history = append(h.history, published{seq: h.seq, changes: changes})
 	close(h.changed)
 	h.changed = make(chan struct{})
+	h.statusChangedLocked()
 }
 
-// nodeLocked is the node of record name as netmaps show it.
+// statusChangedLocked wakes those who follow records and readiness (the
+// Kubernetes controller).
+func (h *hub) statusChangedLocked() {
+	close(h.status)
+	h.status = make(chan struct{})
+}
+
+// nodeLocked is the node of record name as netmaps show it: with its
+// readiness, and with the addresses of its Kubernetes Node's k3s.io
+// annotations added to its own.
 func (h *hub) nodeLocked(name string) api.Node {
-	node := h.records[name].Node
+	r := h.records[name]
+	node := r.Node
 	node.Ready = h.readyLocked(name)
+	node.ExternalIPs = addMissing(node.ExternalIPs, r.KubeExternalIPs)
+	node.InternalIPs = addMissing(node.InternalIPs, r.KubeInternalIPs)
 	return node
+}
+
+// addMissing returns a with the addresses of b it lacks appended (a new
+// slice if any are).
+func addMissing(a, b []netip.Addr) []netip.Addr {
+	for _, x := range b {
+		if !slices.Contains(a, x) {
+			a = append(slices.Clip(a), x)
+		}
+	}
+	return a
 }
 
 func (h *hub) readyLocked(name string) bool {
@@ -244,6 +271,8 @@ func (h *hub) connected(name string, now time.Time) func() {
 		// netmaps. Others' is read at listing time (nodesWithStatus),
 		// so N streams opening do not wake N streams N times.
 		h.publishLocked([]string{name})
+	} else if s.count == 1 {
+		h.statusChangedLocked()
 	}
 	return func() {
 		h.mu.Lock()
@@ -253,6 +282,8 @@ func (h *hub) connected(name string, now time.Time) func() {
 			delete(h.seen, name)
 			if h.relayCapableLocked(name) {
 				h.publishLocked([]string{name})
+			} else {
+				h.statusChangedLocked()
 			}
 		}
 	}

@@ -55,6 +55,17 @@ type record struct {
 	// CertSerial is the serial of the only node certificate accepted for
 	// this node: every join issues a new one and retires the last.
 	CertSerial string `json:"certSerial"`
+	// Kubernetes mode (kube.go). NodeUID is the UID of the Node whose
+	// spec.podCIDRs PodCIDRs are ("" when they did not come from one);
+	// GoneUID the UID of the last Node of this name seen deleted, so a
+	// server whose informer lags does not bring its CIDRs back.
+	NodeUID string `json:"nodeUID,omitempty"`
+	GoneUID string `json:"goneNodeUID,omitempty"`
+	// KubeExternalIPs and KubeInternalIPs come from the Node's
+	// k3s.io/external-ip and k3s.io/internal-ip annotations; netmaps add
+	// them to the node's own (hub.nodeLocked).
+	KubeExternalIPs []netip.Addr `json:"kubeExternalIPs,omitempty"`
+	KubeInternalIPs []netip.Addr `json:"kubeInternalIPs,omitempty"`
 }
 
 type claim struct {
@@ -105,6 +116,9 @@ type registry struct {
 	kv           kv
 	clusterCIDRs []netip.Prefix
 	now          func() time.Time
+	// podCIDRsFromNodes: a join allocates no pod CIDR; the Kubernetes
+	// controller gives the node its Node's (kube.go).
+	podCIDRsFromNodes bool
 
 	// claimsMu serialises this server's claims; claims caches the claim
 	// keys (prefix → node) so that a join does not list them all. It is
@@ -240,9 +254,11 @@ func (r *registry) upsert(ctx context.Context, name, password string, fill func(
 			}
 			return rec, nil
 		case errors.Is(err, store.ErrNotFound):
-			cidrs, err := r.claim(ctx, name)
-			if err != nil {
-				return nil, err
+			var cidrs []netip.Prefix
+			if !r.podCIDRsFromNodes {
+				if cidrs, err = r.claim(ctx, name, nil); err != nil {
+					return nil, err
+				}
 			}
 			hash, err := hashPassword(password)
 			if err != nil {
@@ -272,10 +288,11 @@ func (r *registry) upsert(ctx context.Context, name, password string, fill func(
 
 // claim returns one node prefix per cluster CIDR for name: claims it
 // already holds (left by an interrupted join), else the lowest free ones.
-func (r *registry) claim(ctx context.Context, name string) ([]netip.Prefix, error) {
+// Prefixes inUse reports (if not nil) are passed over.
+func (r *registry) claim(ctx context.Context, name string, inUse func(netip.Prefix) bool) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, cluster := range r.clusterCIDRs {
-		p, err := r.claimIn(ctx, cluster, name)
+		p, err := r.claimIn(ctx, cluster, name, inUse)
 		if err != nil {
 			return nil, err
 		}
@@ -284,7 +301,8 @@ func (r *registry) claim(ctx context.Context, name string) ([]netip.Prefix, erro
 	return out, nil
 }
 
-func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name string) (netip.Prefix, error) {
+func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name string, inUse func(netip.Prefix) bool) (netip.Prefix, error) {
+	taken := func(p netip.Prefix) bool { return inUse != nil && inUse(p) }
 	r.claimsMu.Lock()
 	defer r.claimsMu.Unlock()
 	for attempt := range maxCASRetries {
@@ -295,7 +313,7 @@ func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name strin
 		}
 		used := make(map[netip.Prefix]bool, len(r.claims))
 		for p, node := range r.claims {
-			if node == name && ipam.Contains(cluster, p) {
+			if node == name && ipam.Contains(cluster, p) && !taken(p) {
 				return p, nil // left by an interrupted join of this node
 			}
 			used[p] = true
@@ -310,6 +328,10 @@ func (r *registry) claimIn(ctx context.Context, cluster netip.Prefix, name strin
 			start = h.Sum64() + uint64(attempt)
 		}
 		p, err := ipam.NextFrom(cluster, used, start)
+		for err == nil && taken(p) {
+			used[p] = true
+			p, err = ipam.NextFrom(cluster, used, start)
+		}
 		if err != nil {
 			return netip.Prefix{}, &joinError{status: 507, code: api.ErrCodeExhausted, msg: err.Error()}
 		}
@@ -337,14 +359,15 @@ func (r *registry) remove(ctx context.Context, name string) (*record, error) {
 		} else if err != nil {
 			return nil, fmt.Errorf("delete node %q: %w", name, err)
 		}
-		r.releaseClaims(ctx, name)
+		r.releaseClaims(ctx, name, nil)
 		return rec, nil
 	}
 	return nil, fmt.Errorf("delete node %q: too many concurrent changes, try again", name)
 }
 
-// releaseClaims deletes the pod CIDR claims held by name.
-func (r *registry) releaseClaims(ctx context.Context, name string) {
+// releaseClaims deletes the pod CIDR claims held by name, but those of
+// the prefixes in keep.
+func (r *registry) releaseClaims(ctx context.Context, name string, keep []netip.Prefix) {
 	defer r.forgetClaims()
 	kvs, _, err := r.kv.List(ctx, prefixClaims)
 	if err != nil {
@@ -352,7 +375,7 @@ func (r *registry) releaseClaims(ctx context.Context, name string) {
 	}
 	for _, e := range kvs {
 		var c claim
-		if json.Unmarshal(e.Value, &c) == nil && c.Node == name {
+		if json.Unmarshal(e.Value, &c) == nil && c.Node == name && !slices.ContainsFunc(keep, func(p netip.Prefix) bool { return claimKey(p) == e.Key }) {
 			_ = r.kv.Delete(ctx, e.Key, e.ModRevision)
 		}
 	}

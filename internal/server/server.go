@@ -23,6 +23,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/client"
+	"github.com/trellis-mesh/trellis/internal/kube"
 	"github.com/trellis-mesh/trellis/internal/netmap"
 	"github.com/trellis-mesh/trellis/internal/pki"
 	"github.com/trellis-mesh/trellis/internal/store"
@@ -56,6 +57,9 @@ type Server struct {
 	egress *http.Server
 	// metrics are the Prometheus metrics (metrics.go).
 	metrics *serverMetrics
+	// kube follows the Nodes of a Kubernetes cluster (Config.Kube); nil
+	// outside Kubernetes mode.
+	kube *kube.Controller
 
 	closeOnce sync.Once
 	closeErr  error
@@ -111,7 +115,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.store, err = store.Open(ctx, store.Config{DataDir: cfg.dir(), Endpoint: cfg.DatastoreEndpoint, Embedded: emb, Logger: s.log}); err != nil {
 		return nil, fmt.Errorf("open datastore: %w", err)
 	}
-	s.reg = &registry{kv: s.metrics.timed(s.store), clusterCIDRs: cfg.ClusterCIDRs, now: time.Now}
+	s.reg = &registry{kv: s.metrics.timed(s.store), clusterCIDRs: cfg.ClusterCIDRs, now: time.Now, podCIDRsFromNodes: cfg.Kube != nil}
 	if err := s.reg.ensureCluster(ctx); err != nil {
 		return nil, err
 	}
@@ -185,6 +189,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := s.startHA(runCtx); err != nil {
 		return nil, err
 	}
+	if cfg.Kube != nil {
+		if s.kube, err = kube.Start(ctx, *cfg.Kube, kubeMesh{s}); err != nil {
+			return nil, err
+		}
+	}
 	s.log.Info("server listening", "url", "https://"+ln.Addr().String(), "node", cfg.NodeName,
 		"clusterCIDR", joinPrefixes(cfg.ClusterCIDRs), "token", cfg.dir("token"), "adminConfig", cfg.dir("admin.yaml"))
 	return s, nil
@@ -210,6 +219,9 @@ func (s *Server) Token() string {
 // Close stops the API and the store. It is idempotent.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
+		if s.kube != nil {
+			s.kube.Close() // it writes to the store: first
+		}
 		if s.cancel != nil {
 			s.cancel() // ends netmap streams cleanly: their contexts derive from it
 		}
