@@ -241,11 +241,17 @@ func (s *Server) dialEgress(ctx context.Context, target string) (net.Conn, error
 	return nil, fmt.Errorf("node %s (%s %s) through its Trellis tunnel: %v", t.node, what, t.dst, err)
 }
 
-// kubeletPort is the kubelet's port of node: what its Kubernetes Node
-// reports (daemonEndpoints), else DefaultKubeletPort.
+// kubeletPort is the kubelet's port of node: Config.KubeletPort's answer,
+// else what its Kubernetes Node reports (daemonEndpoints) in Kubernetes
+// mode, else DefaultKubeletPort.
 func (s *Server) kubeletPort(node string) int {
 	if s.cfg.KubeletPort != nil {
 		if p := s.cfg.KubeletPort(node); p > 0 {
+			return p
+		}
+	}
+	if k := s.kubelets.Load(); k != nil {
+		if p := k.KubeletPort(node); p > 0 {
 			return p
 		}
 	}

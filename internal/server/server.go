@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"sigs.k8s.io/yaml"
@@ -60,6 +61,9 @@ type Server struct {
 	// kube follows the Nodes of a Kubernetes cluster (Config.Kube); nil
 	// outside Kubernetes mode.
 	kube *kube.Controller
+	// kubelets is kube for readers on other goroutines (the egress),
+	// set once it runs.
+	kubelets atomic.Pointer[kube.Controller]
 
 	closeOnce sync.Once
 	closeErr  error
@@ -193,6 +197,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		if s.kube, err = kube.Start(ctx, *cfg.Kube, kubeMesh{s}); err != nil {
 			return nil, err
 		}
+		s.kubelets.Store(s.kube) // the egress's kubelet ports (egress.go)
 	}
 	s.log.Info("server listening", "url", "https://"+ln.Addr().String(), "node", cfg.NodeName,
 		"clusterCIDR", joinPrefixes(cfg.ClusterCIDRs), "token", cfg.dir("token"), "adminConfig", cfg.dir("admin.yaml"))
