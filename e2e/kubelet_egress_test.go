@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -10,7 +11,11 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/trellis-mesh/trellis/internal/api"
+	"github.com/trellis-mesh/trellis/internal/kube"
 	"github.com/trellis-mesh/trellis/internal/kube/kubetest"
 	"github.com/trellis-mesh/trellis/internal/server"
 )
@@ -46,7 +51,9 @@ func TestKubeletThroughEgress(t *testing.T) {
 		APIServerArgs: []string{"--egress-selector-config-file=" + egressConf},
 	})
 	t.Logf("measured: control plane ready in %v", env.StartedIn.Round(time.Millisecond))
-	c.start(srv)
+	// Kubernetes mode: the home node's pod CIDR comes from its Node
+	// (nothing allocates here: Trellis writes its own into the Node).
+	c.start(srv, withFlags("--kubeconfig", env.AdminKubeconfig))
 	agent := c.startAgent(home)
 	c.waitNodes(srv, agent)
 
@@ -65,6 +72,25 @@ func TestKubeletThroughEgress(t *testing.T) {
 	podIP := netip.MustParseAddr(p.Status.PodIP)
 	if cidrs := nodes["home"].PodCIDRs; len(cidrs) == 0 || !cidrs[0].Contains(podIP) {
 		t.Errorf("pod IP %s is not in home's Trellis pod CIDR %v", podIP, cidrs)
+	}
+	// The Node as Trellis left it: its pod CIDR is Trellis's, the
+	// annotations, and NetworkUnavailable=False.
+	kn, err := env.Admin(t).CoreV1().Nodes().Get(context.Background(), "home", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := nodes["home"].PodCIDRs[0].String(); kn.Spec.PodCIDR != want {
+		t.Errorf("Node home's spec.podCIDR %q, want Trellis's %s", kn.Spec.PodCIDR, want)
+	}
+	if kn.Annotations[kube.AnnotationPublicKey] != nodes["home"].PublicKey.String() {
+		t.Errorf("Node home's annotations %v lack its WireGuard key %s", kn.Annotations, nodes["home"].PublicKey)
+	}
+	up := false
+	for _, cond := range kn.Status.Conditions {
+		up = up || cond.Type == corev1.NodeNetworkUnavailable && cond.Status == corev1.ConditionFalse && cond.Reason == kube.ConditionReasonUp
+	}
+	if !up {
+		t.Errorf("Node home has no NetworkUnavailable=False (%s): %+v", kube.ConditionReasonUp, kn.Status.Conditions)
 	}
 
 	t0 := time.Now()
