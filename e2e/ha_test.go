@@ -5,6 +5,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -51,6 +52,25 @@ func TestHAServers(t *testing.T) {
 		c.attachPod(m)
 	}
 	c.checkPods("before the kill", all, all, meshTimeout)
+
+	// The egress of every server reaches every node: agents hold a
+	// tunnel to each server (a stand-in kubelet on ag1's node IP).
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab.Start(a1.NS, "env", helperEnv+"=echo-server", self, netip.AddrPortFrom(a1.LANIP, 10250).String())
+	for _, s := range []*member{srv1, srv2, srv3} {
+		sock := filepath.Join(s.dataDir, "server", "egress.sock")
+		WaitFor(t, joinTimeout, "CONNECT a1:10250 on "+s.Name+"'s egress", func() error {
+			status, conn := egressConnect(t, sock, "a1:10250")
+			if conn == nil {
+				return fmt.Errorf("%s", status)
+			}
+			defer conn.Close()
+			return echoRoundTrip(conn)
+		})
+	}
 
 	// Every agent learns every server, and remembers them.
 	for _, m := range []*member{ag1, ag2} {
