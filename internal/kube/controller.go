@@ -47,12 +47,17 @@ var (
 	permEvents      = permission{verb: "create", resource: "events"}
 )
 
-// Stats counts what the controller wrote to Kubernetes.
+// Stats counts what the controller wrote to Kubernetes, and what it
+// sees.
 type Stats struct {
 	// NodePatches counts patches of Nodes (annotations, pod CIDRs) and
 	// StatusPatches of nodes/status (the condition); Events the Events
 	// created or refreshed.
 	NodePatches, StatusPatches, Events int64
+	// Reachable: the last call to the API server reached it.
+	Reachable bool
+	// Refused counts the Nodes whose pod CIDRs are refused now.
+	Refused int
 }
 
 // Controller follows the Nodes of one Kubernetes cluster and keeps the
@@ -202,7 +207,11 @@ func (c *Controller) Close() error {
 
 // Stats returns what the controller wrote so far.
 func (c *Controller) Stats() Stats {
-	return Stats{NodePatches: c.nodePatches.Load(), StatusPatches: c.statusPatches.Load(), Events: c.events.Load()}
+	c.mu.Lock()
+	refused := len(c.refused)
+	c.mu.Unlock()
+	return Stats{NodePatches: c.nodePatches.Load(), StatusPatches: c.statusPatches.Load(), Events: c.events.Load(),
+		Reachable: !c.unreachable.Load(), Refused: refused}
 }
 
 // listWatch lists and watches Nodes, patiently: a call that cannot reach

@@ -436,6 +436,9 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 		c, ok := networkCondition(getNode(t, admin, "f"))
 		return ok && c.Status == corev1.ConditionTrue && c.Reason == kube.ConditionReasonRefused && len(refusalEvents(t, admin, "f")) > 0
 	})
+	if v := gauge(t, ts, "trellis_server_kube_refused_nodes"); v != 1 {
+		t.Errorf("trellis_server_kube_refused_nodes = %v, want 1", v)
+	}
 	msg := refusalEvents(t, admin, "f")[0]
 	if !strings.Contains(msg, "10.244.1.0/24") || !strings.Contains(msg, "kube-controller-manager --cluster-cidr must equal trellis server --cluster-cidr=10.42.0.0/16") {
 		t.Fatalf("refusal Event says %q; want the CIDR and what to fix", msg)
@@ -444,6 +447,11 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 	if out, err := env.Kubectl(t, "describe", "node", "f"); err == nil {
 		if !strings.Contains(out, kube.EventReasonRefused) || !strings.Contains(out, kube.ConditionReasonRefused) {
 			t.Errorf("kubectl describe node f shows neither the Event nor the condition:\n%s", out)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "NetworkUnavailable") || strings.Contains(l, kube.EventReasonRefused) || strings.Contains(l, "trellis-mesh.io/") {
+				t.Logf("kubectl describe node f: %s", strings.TrimSpace(l))
+			}
 		}
 	}
 	time.Sleep(time.Second) // let anything that would change a's netmap happen
