@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"slices"
@@ -496,6 +497,26 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 	oCh.wait(t, "o in the mesh", func(nm api.NetMap) bool { return prefixList(nm.Self.PodCIDRs) == na.Spec.PodCIDR })
 	eventually(t, "o up", func() bool {
 		c, ok := networkCondition(getNode(t, admin, "o"))
+		return ok && c.Status == corev1.ConditionFalse
+	})
+
+	// trellis node delete b: the Node no longer says the network is up,
+	// and loses Trellis's annotations; b joins again and is back.
+	hr, _ := http.NewRequest(http.MethodDelete, ts.URL()+api.PathNodes+"/b", nil)
+	resp, err := ts.adminClient(t).Do(hr)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("trellis node delete b: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	eventually(t, "b's Node marked out of the mesh", func() bool {
+		n := getNode(t, admin, "b")
+		c, ok := networkCondition(n)
+		return ok && c.Status == corev1.ConditionTrue && c.Reason == kube.ConditionReasonRemoved && n.Annotations[kube.AnnotationPublicKey] == ""
+	})
+	b = mustJoin(t, ts, joinReq("b", 2, pwA))
+	ts.follow(t, b).wait(t, "b back with its Node's CIDR", func(nm api.NetMap) bool { return prefixList(nm.Self.PodCIDRs) == nodeCIDRs(nb) })
+	eventually(t, "b up again", func() bool {
+		c, ok := networkCondition(getNode(t, admin, "b"))
 		return ok && c.Status == corev1.ConditionFalse
 	})
 }
