@@ -134,9 +134,13 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	actx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
 	c.user, err = checkAccess(actx, client)
 	cancel()
-	var fe *ForbiddenError
 	switch {
-	case errors.As(err, &fe):
+	case err != nil && apierrors.IsUnauthorized(err):
+		hc.CloseIdleConnections()
+		return nil, fmt.Errorf("the Kubernetes API server at %s does not accept the credentials of the %s (%w): renew its token or certificate", rc.Host, source, err)
+	case err != nil && !unreachable(err):
+		// The API server answered: a denial (*ForbiddenError), or
+		// something else it refuses.
 		hc.CloseIdleConnections()
 		return nil, err
 	case err != nil:
@@ -262,6 +266,10 @@ func patiently[T any](ctx context.Context, c *Controller, call func(context.Cont
 // unreachable reports whether err means the API server was not reached
 // or could not serve: no answer at all, or 429, 503 or 504.
 func unreachable(err error) bool {
+	var fe *ForbiddenError
+	if errors.As(err, &fe) {
+		return false
+	}
 	var st apierrors.APIStatus
 	if errors.As(err, &st) {
 		switch st.Status().Code {

@@ -605,6 +605,14 @@ func TestKubeRBAC(t *testing.T) {
 		t.Fatalf("start without patch on nodes/status: %v; want a sentence naming the permission, the user and the fix", err)
 	}
 	t.Logf("refused: %v", err)
+	// Credentials the API server does not take: refused too, not taken
+	// for an API server that is down.
+	_, err = Start(ctx, Config{DataDir: t.TempDir(), NodeName: "srv3", Listener: mustListen(t), Logger: slog.New(slog.DiscardHandler),
+		Kube: &kube.Config{Kubeconfig: env.TokenKubeconfig("bogus", "not-a-token")}})
+	if err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+		t.Fatalf("start with a token the API server refuses: %v", err)
+	}
+	t.Logf("refused: %v", err)
 
 	// The binding of the running server goes away: the next write says
 	// what is missing.
