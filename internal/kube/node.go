@@ -78,7 +78,11 @@ func ParseAddressList(s string) ([]netip.Addr, error) {
 		}
 	}
 	if len(bad) > 0 {
-		return out, fmt.Errorf("not usable as node addresses: %s", strings.Join(bad, ", "))
+		msg := strings.Join(bad, ", ")
+		if len(msg) > 200 { // quoting may expand a strange value fourfold
+			msg = strings.ToValidUTF8(msg[:200], "") + "…"
+		}
+		return out, fmt.Errorf("not usable as node addresses: %s", msg)
 	}
 	return out, nil
 }
