@@ -47,12 +47,17 @@ var (
 	permEvents      = permission{verb: "create", resource: "events"}
 )
 
-// Stats counts what the controller wrote to Kubernetes.
+// Stats counts what the controller wrote to Kubernetes, and what it
+// sees.
 type Stats struct {
 	// NodePatches counts patches of Nodes (annotations, pod CIDRs) and
 	// StatusPatches of nodes/status (the condition); Events the Events
 	// created or refreshed.
 	NodePatches, StatusPatches, Events int64
+	// Reachable: the last call to the API server reached it.
+	Reachable bool
+	// Refused counts the Nodes whose pod CIDRs are refused now.
+	Refused int
 }
 
 // Controller follows the Nodes of one Kubernetes cluster and keeps the
@@ -77,8 +82,13 @@ type Controller struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 
+	// loaded is closed once the Trellis nodes were read: until then a
+	// missing one means nothing.
+	loaded chan struct{}
+
 	mu         sync.Mutex
 	members    map[string]*Member   // guarded by mu; the last Members()
+	gone       map[string]bool      // guarded by mu; Trellis nodes seen deleted while this controller ran
 	emptySince map[string]time.Time // guarded by mu; when a Node was first seen without a pod CIDR
 	refused    map[string]*refusal  // guarded by mu; refusals announced, by node
 	badAddrs   map[string]string    // guarded by mu; last bad k3s annotation logged, by node
@@ -118,15 +128,19 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	}
 	c := &Controller{
 		cfg: cfg, log: log, mesh: mesh, http: hc, client: client, now: time.Now,
-		members: map[string]*Member{}, emptySince: map[string]time.Time{},
+		gone: map[string]bool{}, emptySince: map[string]time.Time{}, loaded: make(chan struct{}),
 		refused: map[string]*refusal{}, badAddrs: map[string]string{},
 	}
 	actx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
 	c.user, err = checkAccess(actx, client)
 	cancel()
-	var fe *ForbiddenError
 	switch {
-	case errors.As(err, &fe):
+	case err != nil && apierrors.IsUnauthorized(err):
+		hc.CloseIdleConnections()
+		return nil, fmt.Errorf("the Kubernetes API server at %s does not accept the credentials of the %s (%w): renew its token or certificate", rc.Host, source, err)
+	case err != nil && !unreachable(err):
+		// The API server answered: a denial (*ForbiddenError), or
+		// something else it refuses.
 		hc.CloseIdleConnections()
 		return nil, err
 	case err != nil:
@@ -202,7 +216,11 @@ func (c *Controller) Close() error {
 
 // Stats returns what the controller wrote so far.
 func (c *Controller) Stats() Stats {
-	return Stats{NodePatches: c.nodePatches.Load(), StatusPatches: c.statusPatches.Load(), Events: c.events.Load()}
+	c.mu.Lock()
+	refused := len(c.refused)
+	c.mu.Unlock()
+	return Stats{NodePatches: c.nodePatches.Load(), StatusPatches: c.statusPatches.Load(), Events: c.events.Load(),
+		Reachable: !c.unreachable.Load(), Refused: refused}
 }
 
 // listWatch lists and watches Nodes, patiently: a call that cannot reach
@@ -248,6 +266,10 @@ func patiently[T any](ctx context.Context, c *Controller, call func(context.Cont
 // unreachable reports whether err means the API server was not reached
 // or could not serve: no answer at all, or 429, 503 or 504.
 func unreachable(err error) bool {
+	var fe *ForbiddenError
+	if errors.As(err, &fe) {
+		return false
+	}
 	var st apierrors.APIStatus
 	if errors.As(err, &st) {
 		switch st.Status().Code {
@@ -305,15 +327,8 @@ func sameAnnotations(a, b *corev1.Node) bool {
 }
 
 func sameNetworkCondition(a, b *corev1.Node) bool {
-	find := func(n *corev1.Node) corev1.NodeCondition {
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeNetworkUnavailable {
-				return c
-			}
-		}
-		return corev1.NodeCondition{}
-	}
-	x, y := find(a), find(b)
+	x, _ := networkUnavailable(a)
+	y, _ := networkUnavailable(b)
 	return x.Status == y.Status && x.Reason == y.Reason && x.Message == y.Message
 }
 
@@ -353,9 +368,14 @@ func (c *Controller) updateMembers(ms []Member) {
 	for name, old := range c.members {
 		if next[name] == nil {
 			dirty = append(dirty, name)
+			c.gone[name] = true
 			released = released || len(old.PodCIDRs) > 0
 		}
 	}
+	for name := range next {
+		delete(c.gone, name)
+	}
+	first := c.members == nil
 	if released {
 		// A prefix may have come free: look again at the Nodes refused
 		// for holding one that another node held.
@@ -369,6 +389,9 @@ func (c *Controller) updateMembers(ms []Member) {
 	c.mu.Unlock()
 	for _, name := range dirty {
 		c.queue.Add(name)
+	}
+	if first {
+		close(c.loaded)
 	}
 }
 
@@ -387,6 +410,11 @@ func (c *Controller) member(name string) *Member {
 func (c *Controller) work(ctx context.Context) {
 	if !cache.WaitForCacheSync(ctx.Done(), c.nodes.HasSynced) {
 		return
+	}
+	select {
+	case <-ctx.Done():
+		return
+	case <-c.loaded:
 	}
 	for {
 		name, quit := c.queue.Get()
@@ -425,14 +453,29 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 	switch {
 	case m == nil:
 		c.forget(name)
-		if node != nil && ourAnnotations(node) {
-			return c.patchAnnotations(ctx, node, wantAnnotations(&Member{}))
+		if node == nil || !c.wasDeleted(name) {
+			return nil // not a Trellis node, or one this server has not seen yet
 		}
-		return nil
+		// trellis node delete: the Node no longer speaks for Trellis.
+		errs := []error{c.patchAnnotations(ctx, node, wantAnnotations(&Member{}))}
+		if cond, ok := networkUnavailable(node); ok && cond.Reason == ConditionReasonUp {
+			errs = append(errs, c.patchCondition(ctx, node, removedCondition()))
+		}
+		return errors.Join(errs...)
 	case node == nil:
 		c.forget(name)
-		if m.NodeUID == "" {
-			return nil // its pod CIDRs never came from a Node (before Kubernetes mode): no Node, no change
+		if m.NodeUID == "" || len(m.PodCIDRs) == 0 {
+			return nil // no pod CIDRs from a Node (none yet, or from before Kubernetes mode): no change
+		}
+		// The informer may lag a Node another server already saw: ask.
+		gctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
+		live, err := c.client.CoreV1().Nodes().Get(gctx, name, metav1.GetOptions{})
+		cancel()
+		switch {
+		case err == nil && string(live.UID) == m.NodeUID:
+			return nil // the informer brings it
+		case err != nil && !apierrors.IsNotFound(err):
+			return explain(err, c.user, permission{verb: "get", resource: "nodes"})
 		}
 		c.log.Info("Node deleted: the node leaves the mesh (its Trellis record stays; 'trellis node delete' revokes it)", "node", name, "podCIDRs", joinPrefixes(m.PodCIDRs))
 		return c.mesh.ClearPodCIDRs(ctx, name, m.NodeUID)
@@ -449,6 +492,14 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 		errs = append(errs, c.patchCondition(ctx, node, *cond))
 	}
 	return errors.Join(errs...)
+}
+
+// wasDeleted reports whether the Trellis node name was deleted while
+// this controller ran.
+func (c *Controller) wasDeleted(name string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gone[name]
 }
 
 // forget drops what the controller remembers of a node.

@@ -56,8 +56,9 @@ type Mesh interface {
 	Members() ([]Member, <-chan struct{})
 	// AdoptPodCIDRs makes cidrs (one per cluster CIDR, in their order)
 	// the pod CIDRs of node name, taken from the Node with UID uid. It
-	// claims each prefix exactly, then writes the record, then releases
-	// the claims of name it no longer needs. A prefix held by another
+	// claims each prefix exactly, then writes the record (the UID it
+	// replaces, if any, becomes GoneUID), then releases the claims of
+	// name it no longer needs. A prefix held by another
 	// node that has it from a Node returns *OverlapError and changes
 	// nothing; one held by a node that does not (pod CIDRs from before
 	// Kubernetes mode, or a claim left behind) is taken from it, its

@@ -38,6 +38,9 @@ const (
 	// ConditionReasonRefused is the reason of NetworkUnavailable=True for
 	// a Node whose pod CIDR Trellis refuses.
 	ConditionReasonRefused = "TrellisPodCIDRRefused"
+	// ConditionReasonRemoved is the reason of NetworkUnavailable=True
+	// on a Node whose Trellis node was deleted (trellis node delete).
+	ConditionReasonRemoved = "TrellisNodeDeleted"
 	// EventReasonRefused is the reason of the Event on such a Node.
 	EventReasonRefused = "PodCIDRRefused"
 	// FieldManager names Trellis in the Node's managed fields.
@@ -75,7 +78,11 @@ func ParseAddressList(s string) ([]netip.Addr, error) {
 		}
 	}
 	if len(bad) > 0 {
-		return out, fmt.Errorf("not usable as node addresses: %s", strings.Join(bad, ", "))
+		msg := strings.Join(bad, ", ")
+		if len(msg) > 200 { // quoting may expand a strange value fourfold
+			msg = strings.ToValidUTF8(msg[:200], "") + "…"
+		}
+		return out, fmt.Errorf("not usable as node addresses: %s", msg)
 	}
 	return out, nil
 }
@@ -203,6 +210,23 @@ type condition struct {
 // upCondition is NetworkUnavailable=False: the node is in the mesh.
 func upCondition() condition {
 	return condition{status: corev1.ConditionFalse, reason: ConditionReasonUp, message: conditionMessageUp}
+}
+
+// removedCondition is NetworkUnavailable=True for a node deleted from
+// Trellis.
+func removedCondition() condition {
+	return condition{status: corev1.ConditionTrue, reason: ConditionReasonRemoved,
+		message: "the Trellis node was deleted (trellis node delete): this node is out of the mesh until its agent joins again"}
+}
+
+// networkUnavailable returns the Node's NetworkUnavailable condition.
+func networkUnavailable(n *corev1.Node) (corev1.NodeCondition, bool) {
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeNetworkUnavailable {
+			return c, true
+		}
+	}
+	return corev1.NodeCondition{}, false
 }
 
 // refusedCondition is NetworkUnavailable=True with the refusal.

@@ -105,6 +105,11 @@ func (r *registry) adoptPodCIDRs(ctx context.Context, name, uid string, cidrs []
 		if slices.Equal(rec.PodCIDRs, cidrs) && rec.NodeUID == uid {
 			return false
 		}
+		if rec.NodeUID != "" && rec.NodeUID != uid {
+			// The CIDRs of a Node that is gone: a server whose informer
+			// still shows it must not bring them back.
+			rec.GoneUID = rec.NodeUID
+		}
 		rec.PodCIDRs, rec.NodeUID = slices.Clone(cidrs), uid
 		return true
 	})

@@ -67,9 +67,13 @@ func TestKubeAPIServerDown(t *testing.T) {
 	aCh.wait(t, "b and c in a's netmap", func(nm api.NetMap) bool { return peerNames(nm) == "b,c" && len(nm.Self.PodCIDRs) == 1 })
 	before := podCIDRsOf(t, ts)
 
+	if v := gauge(t, ts, "trellis_server_kube_api_reachable"); v != 1 {
+		t.Fatalf("trellis_server_kube_api_reachable = %v with the API server up", v)
+	}
 	down := kubeDown(t)
 	env.StopAPIServer()
 	stopped := time.Now()
+	eventually(t, "trellis_server_kube_api_reachable 0", func() bool { return gauge(t, ts, "trellis_server_kube_api_reachable") == 0 })
 	d := mustJoin(t, ts, joinReq("d", 4, pwA)) // joins go on; d waits for its Node
 	dCh := ts.follow(t, d)
 	for time.Since(stopped) < down {
@@ -338,4 +342,20 @@ func TestKubeHA(t *testing.T) {
 // removeName drops name from a comma-separated list.
 func removeName(list, name string) string {
 	return strings.Join(slices.DeleteFunc(strings.Split(list, ","), func(n string) bool { return n == name }), ",")
+}
+
+// gauge returns the value of the server's metric name (without labels).
+func gauge(t *testing.T, ts *testServer, name string) float64 {
+	t.Helper()
+	mfs, err := ts.Metrics().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"slices"
@@ -436,6 +437,9 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 		c, ok := networkCondition(getNode(t, admin, "f"))
 		return ok && c.Status == corev1.ConditionTrue && c.Reason == kube.ConditionReasonRefused && len(refusalEvents(t, admin, "f")) > 0
 	})
+	if v := gauge(t, ts, "trellis_server_kube_refused_nodes"); v != 1 {
+		t.Errorf("trellis_server_kube_refused_nodes = %v, want 1", v)
+	}
 	msg := refusalEvents(t, admin, "f")[0]
 	if !strings.Contains(msg, "10.244.1.0/24") || !strings.Contains(msg, "kube-controller-manager --cluster-cidr must equal trellis server --cluster-cidr=10.42.0.0/16") {
 		t.Fatalf("refusal Event says %q; want the CIDR and what to fix", msg)
@@ -444,6 +448,11 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 	if out, err := env.Kubectl(t, "describe", "node", "f"); err == nil {
 		if !strings.Contains(out, kube.EventReasonRefused) || !strings.Contains(out, kube.ConditionReasonRefused) {
 			t.Errorf("kubectl describe node f shows neither the Event nor the condition:\n%s", out)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "NetworkUnavailable") || strings.Contains(l, kube.EventReasonRefused) || strings.Contains(l, "trellis-mesh.io/") {
+				t.Logf("kubectl describe node f: %s", strings.TrimSpace(l))
+			}
 		}
 	}
 	time.Sleep(time.Second) // let anything that would change a's netmap happen
@@ -488,6 +497,26 @@ func TestKubeTrellisAllocatesAndRefuses(t *testing.T) {
 	oCh.wait(t, "o in the mesh", func(nm api.NetMap) bool { return prefixList(nm.Self.PodCIDRs) == na.Spec.PodCIDR })
 	eventually(t, "o up", func() bool {
 		c, ok := networkCondition(getNode(t, admin, "o"))
+		return ok && c.Status == corev1.ConditionFalse
+	})
+
+	// trellis node delete b: the Node no longer says the network is up,
+	// and loses Trellis's annotations; b joins again and is back.
+	hr, _ := http.NewRequest(http.MethodDelete, ts.URL()+api.PathNodes+"/b", nil)
+	resp, err := ts.adminClient(t).Do(hr)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("trellis node delete b: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	eventually(t, "b's Node marked out of the mesh", func() bool {
+		n := getNode(t, admin, "b")
+		c, ok := networkCondition(n)
+		return ok && c.Status == corev1.ConditionTrue && c.Reason == kube.ConditionReasonRemoved && n.Annotations[kube.AnnotationPublicKey] == ""
+	})
+	b = mustJoin(t, ts, joinReq("b", 2, pwA))
+	ts.follow(t, b).wait(t, "b back with its Node's CIDR", func(nm api.NetMap) bool { return prefixList(nm.Self.PodCIDRs) == nodeCIDRs(nb) })
+	eventually(t, "b up again", func() bool {
+		c, ok := networkCondition(getNode(t, admin, "b"))
 		return ok && c.Status == corev1.ConditionFalse
 	})
 }
@@ -574,6 +603,14 @@ func TestKubeRBAC(t *testing.T) {
 		Kube: &kube.Config{Kubeconfig: narrowConfig}})
 	if err == nil || !strings.Contains(err.Error(), "patch nodes/status") || !strings.Contains(err.Error(), "deploy/kubernetes/rbac.yaml") || !strings.Contains(err.Error(), "trellis-narrow") {
 		t.Fatalf("start without patch on nodes/status: %v; want a sentence naming the permission, the user and the fix", err)
+	}
+	t.Logf("refused: %v", err)
+	// Credentials the API server does not take: refused too, not taken
+	// for an API server that is down.
+	_, err = Start(ctx, Config{DataDir: t.TempDir(), NodeName: "srv3", Listener: mustListen(t), Logger: slog.New(slog.DiscardHandler),
+		Kube: &kube.Config{Kubeconfig: env.TokenKubeconfig("bogus", "not-a-token")}})
+	if err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+		t.Fatalf("start with a token the API server refuses: %v", err)
 	}
 	t.Logf("refused: %v", err)
 

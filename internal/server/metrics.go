@@ -35,6 +35,9 @@ var (
 	descSrvNetmapVer  = prometheus.NewDesc("trellis_server_netmap_version", "Version (store revision) of the cluster state the server serves.", nil, nil)
 	descSrvNetmapLag  = prometheus.NewDesc("trellis_server_netmap_version_lag", "Versions the node's netmap stream is behind the cluster state (non-zero while a stream is stuck sending).", []string{"node"}, nil)
 	descSrvPeerHSOK   = prometheus.NewDesc("trellis_server_handshakes", "Handshake states nodes report about their peers (ok, failing, pending).", []string{"state"}, nil)
+	descKubeWrites    = prometheus.NewDesc("trellis_server_kube_writes_total", "Writes to Kubernetes (Kubernetes mode), by kind: node (annotations, a pod CIDR), status (the NetworkUnavailable condition), event.", []string{"kind"}, nil)
+	descKubeReachable = prometheus.NewDesc("trellis_server_kube_api_reachable", "1 if the last call to the Kubernetes API server reached it (Kubernetes mode).", nil, nil)
+	descKubeRefused   = prometheus.NewDesc("trellis_server_kube_refused_nodes", "Nodes whose pod CIDRs Trellis refuses (Kubernetes mode): they are out of the mesh.", nil, nil)
 	storeLatencyOpsKV = []string{"get", "list", "create", "update", "delete"}
 )
 
@@ -82,7 +85,7 @@ func (s *Server) Metrics() prometheus.Gatherer { return s.metrics.reg }
 
 // Describe implements prometheus.Collector.
 func (m *serverMetrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descNodes, descPaths, descTunnels, descSrvNetmapVer, descSrvNetmapLag, descSrvPeerHSOK} {
+	for _, d := range []*prometheus.Desc{descNodes, descPaths, descTunnels, descSrvNetmapVer, descSrvNetmapLag, descSrvPeerHSOK, descKubeWrites, descKubeReachable, descKubeRefused} {
 		ch <- d
 	}
 }
@@ -125,6 +128,18 @@ func (m *serverMetrics) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descSrvNetmapVer, prometheus.GaugeValue, float64(version))
 	for node, lag := range lags {
 		ch <- prometheus.MustNewConstMetric(descSrvNetmapLag, prometheus.GaugeValue, float64(lag), node)
+	}
+	if s.kube != nil {
+		st := s.kube.Stats()
+		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.NodePatches), "node")
+		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.StatusPatches), "status")
+		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.Events), "event")
+		reachable := 0.0
+		if st.Reachable {
+			reachable = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descKubeReachable, prometheus.GaugeValue, reachable)
+		ch <- prometheus.MustNewConstMetric(descKubeRefused, prometheus.GaugeValue, float64(st.Refused))
 	}
 }
 
