@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -56,6 +57,11 @@ func TestKubeletThroughEgress(t *testing.T) {
 	c.start(srv, withFlags("--kubeconfig", env.AdminKubeconfig))
 	agent := c.startAgent(home)
 	c.waitNodes(srv, agent)
+	// The server's own node registers a Node as a kubelet would (one real
+	// kubelet per machine: this one is a stand-in), so that it gets a pod
+	// CIDR and a pod in the other cloud to reach.
+	env.RegisterNode(t, "cp", nil)
+	c.attachPod(srv)
 
 	cd := home.StartContainerd(t, ContainerdOptions{CNIConfDir: agent.cniDir, Images: []Image{busybox}})
 	k := cd.StartKubelet(t, env, KubeletOptions{Name: "home"})
@@ -93,6 +99,14 @@ func TestKubeletThroughEgress(t *testing.T) {
 		t.Errorf("Node home has no NetworkUnavailable=False (%s): %+v", kube.ConditionReasonUp, kn.Status.Conditions)
 	}
 
+	// The real pod reaches a pod in the other cloud over the mesh, and back.
+	if out, err := env.Kubectl(t, "exec", "echo-home", "--", "ping", "-c", "3", "-W", "3", srv.pod.IP.String()); err != nil {
+		t.Errorf("from the real pod on home, ping the pod on cp (%s): %v\n%s", srv.pod.IP, err, out)
+	}
+	if err := Poll(meshTimeout, func() error { return srv.pod.Ping(podIP) }); err != nil {
+		t.Errorf("from the pod on cp, ping the real pod on home: %v", err)
+	}
+
 	t0 := time.Now()
 	out, err := env.Kubectl(t, "logs", "echo-home")
 	if err != nil || !strings.Contains(out, "hello from echo-home") {
@@ -111,6 +125,27 @@ func TestKubeletThroughEgress(t *testing.T) {
 		t.Fatalf("kubectl port-forward through the egress: %v\n%s", err, body)
 	}
 	t.Logf("measured: kubectl port-forward echo-home 8080 through the Trellis egress, GET /: %v", time.Since(t0).Round(time.Millisecond))
+
+	// 50 execs at once, each its own CONNECT and stream.
+	t0 = time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan string, 50)
+	for i := range 50 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			out, err := env.KubectlCommand(ctx, "--request-timeout=150s", "exec", "echo-home", "--", "echo", fmt.Sprintf("ok %d", i)).CombinedOutput()
+			if err != nil || !strings.Contains(string(out), fmt.Sprintf("ok %d", i)) {
+				errs <- fmt.Sprintf("exec %d: %v: %s", i, err, strings.TrimSpace(string(out)))
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	t.Logf("measured: 50 concurrent kubectl exec … -- echo ok through the Trellis egress: all done in %v", time.Since(t0).Round(time.Millisecond))
 
 	// The agent down: the error kubectl prints names the node and why.
 	if err := agent.proc.Stop(); err != nil {
