@@ -4,14 +4,41 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 
 	authnv1 "k8s.io/api/authentication/v1"
 	authzv1 "k8s.io/api/authorization/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	authnv1client "k8s.io/client-go/kubernetes/typed/authentication/v1"
+	authzv1client "k8s.io/client-go/kubernetes/typed/authorization/v1"
+	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 )
+
+// clients are the typed clients of the API groups Trellis calls: not the
+// whole clientset, whose client of every API group doubles the size of
+// the trellis binary (54 → 104 MB).
+type clients struct {
+	core  corev1client.CoreV1Interface
+	authz authzv1client.AuthorizationV1Interface
+	authn authnv1client.AuthenticationV1Interface
+}
+
+func newClients(rc *rest.Config, hc *http.Client) (clients, error) {
+	var c clients
+	var err error
+	if c.core, err = corev1client.NewForConfigAndClient(rc, hc); err != nil {
+		return c, err
+	}
+	if c.authz, err = authzv1client.NewForConfigAndClient(rc, hc); err != nil {
+		return c, err
+	}
+	c.authn, err = authnv1client.NewForConfigAndClient(rc, hc)
+	return c, err
+}
 
 // permission is one verb on one resource that Trellis needs.
 type permission struct {
@@ -74,11 +101,11 @@ func (e *ForbiddenError) Unwrap() error { return e.Err }
 // checkAccess asks the API server, for each permission, whether this
 // client has it (SelfSubjectAccessReview). It returns a *ForbiddenError
 // naming the first one missing, or the error that kept it from asking.
-func checkAccess(ctx context.Context, c kubernetes.Interface) (user string, err error) {
+func checkAccess(ctx context.Context, c clients) (user string, err error) {
 	user = whoAmI(ctx, c)
 	var missing []string
 	for _, p := range permissions {
-		r, err := c.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx, &authzv1.SelfSubjectAccessReview{
+		r, err := c.authz.SelfSubjectAccessReviews().Create(ctx, &authzv1.SelfSubjectAccessReview{
 			Spec: authzv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &authzv1.ResourceAttributes{
 				Namespace: p.namespace, Verb: p.verb, Resource: p.resource, Subresource: p.subresource,
 			}},
@@ -97,8 +124,8 @@ func checkAccess(ctx context.Context, c kubernetes.Interface) (user string, err 
 }
 
 // whoAmI returns the user name Kubernetes sees this client as, or "".
-func whoAmI(ctx context.Context, c kubernetes.Interface) string {
-	r, err := c.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
+func whoAmI(ctx context.Context, c clients) string {
+	r, err := c.authn.SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
 	if err != nil {
 		return ""
 	}

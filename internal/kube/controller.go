@@ -23,7 +23,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -68,7 +67,7 @@ type Controller struct {
 	log    *slog.Logger
 	mesh   Mesh
 	http   *http.Client
-	client kubernetes.Interface
+	client clients
 	user   string // as Kubernetes authenticates us; "" if unknown
 	now    func() time.Time
 
@@ -121,7 +120,7 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
-	client, err := kubernetes.NewForConfigAndClient(rc, hc)
+	client, err := newClients(rc, hc)
 	if err != nil {
 		hc.CloseIdleConnections()
 		return nil, fmt.Errorf("kubernetes client: %w", err)
@@ -230,7 +229,7 @@ func (c *Controller) Stats() Stats {
 // server's return. Answers of the API server (a denial, an expired
 // resource version) go back at once.
 func (c *Controller) listWatch() cache.ListerWatcher {
-	nodes := c.client.CoreV1().Nodes()
+	nodes := c.client.core.Nodes()
 	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
 			return patiently(ctx, c, func(ctx context.Context) (runtime.Object, error) { return nodes.List(ctx, opts) })
@@ -238,7 +237,7 @@ func (c *Controller) listWatch() cache.ListerWatcher {
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
 			return patiently(ctx, c, func(ctx context.Context) (watch.Interface, error) { return nodes.Watch(ctx, opts) })
 		},
-	}, c.client)
+	}, c.client.core)
 }
 
 // patiently calls call until it reaches the API server or ctx ends, and
@@ -469,7 +468,7 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 		}
 		// The informer may lag a Node another server already saw: ask.
 		gctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
-		live, err := c.client.CoreV1().Nodes().Get(gctx, name, metav1.GetOptions{})
+		live, err := c.client.core.Nodes().Get(gctx, name, metav1.GetOptions{})
 		cancel()
 		switch {
 		case err == nil && string(live.UID) == m.NodeUID:
@@ -619,7 +618,7 @@ func (c *Controller) allocate(ctx context.Context, node *corev1.Node) error {
 	}
 	pctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	updated, err := c.client.CoreV1().Nodes().Patch(pctx, node.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+	updated, err := c.client.core.Nodes().Patch(pctx, node.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
 	switch {
 	case apierrors.IsConflict(err), apierrors.IsInvalid(err), apierrors.IsNotFound(err):
 		// The Node changed meanwhile (an allocator was quicker, or it
@@ -673,7 +672,7 @@ func (c *Controller) patchAnnotations(ctx context.Context, node *corev1.Node, wa
 	}
 	pctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	_, err := c.client.CoreV1().Nodes().Patch(pctx, node.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+	_, err := c.client.core.Nodes().Patch(pctx, node.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
 	if apierrors.IsNotFound(err) {
 		return nil
 	} else if err != nil {
@@ -692,7 +691,7 @@ func (c *Controller) patchCondition(ctx context.Context, node *corev1.Node, want
 	}
 	pctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	_, err := c.client.CoreV1().Nodes().Patch(pctx, node.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager}, "status")
+	_, err := c.client.core.Nodes().Patch(pctx, node.Name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager}, "status")
 	if apierrors.IsNotFound(err) {
 		return nil
 	} else if err != nil {
@@ -733,7 +732,7 @@ func (c *Controller) announceRefusal(ctx context.Context, node *corev1.Node, r *
 	}
 	pctx, cancel := context.WithTimeout(ctx, c.cfg.RequestTimeout)
 	defer cancel()
-	events := c.client.CoreV1().Events(eventNamespace)
+	events := c.client.core.Events(eventNamespace)
 	_, err := events.Create(pctx, ev, metav1.CreateOptions{FieldManager: FieldManager})
 	if apierrors.IsAlreadyExists(err) {
 		// Another server (or this one before a restart) made it.
