@@ -3,8 +3,9 @@
 // real trellis processes, and pods attached through the real CNI bridge
 // plugin.
 //
-// Everything except this file is behind the build tag e2e, and the tests
-// need root:
+// Everything except this file, kubelet_doc.go (the real kubelet's notes)
+// and pause/ (the sandbox program the kubelet's pods run) is behind the
+// build tag e2e, and the tests need root:
 //
 //	go test -tags e2e ./e2e/...
 //	go test -tags e2e -run TestLab -v ./e2e/     # the harness on its own
