@@ -277,18 +277,25 @@ func TestCheckHealthyMetricsAndMTUBlackHole(t *testing.T) {
 		if out, err := c2.Exec("ping", "-n", "-q", "-c", "20", "-i", "0.05", "-s", "1000", "-W", "1", tunnelAddr(nodes["cloud1"]).String()); err != nil {
 			t.Fatalf("ping across the mesh: %v\n%s", err, out)
 		}
-		m, err = scrape(c1.NS, "127.0.0.1:10252")
-		if err != nil {
-			t.Fatal(err)
-		}
-		after, err := metricValue(m, series)
-		if err != nil {
-			t.Fatal(err)
+		// The agent's metrics are what its status tick last read from the
+		// device (at most a second old): wait for the tick.
+		var after float64
+		if err := Poll(defaultTimeout, func() error {
+			m, err := scrape(c1.NS, "127.0.0.1:10252")
+			if err != nil {
+				return err
+			}
+			if after, err = metricValue(m, series); err != nil {
+				return err
+			}
+			if after-before < 20*1000 {
+				return fmt.Errorf("%s grew by %.0f bytes, want at least 20000", series, after-before)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
 		}
 		t.Logf("measured: %s %.0f → %.0f after 20 pings of 1000 bytes", series, before, after)
-		if after-before < 20*1000 {
-			t.Errorf("%s grew by %.0f bytes, want at least 20000", series, after-before)
-		}
 		am, err := scrape(c2.NS, "127.0.0.1:10252")
 		if err != nil {
 			t.Fatal(err)
