@@ -117,15 +117,21 @@ func (c *ClientConfig) Allowed(port int) bool {
 // loopback), and if not, why, in a sentence for the server's caller: the
 // node's own addresses at the kubelet port and the allowed ports, and the
 // addresses of its pods at any port. Nothing else: the tunnel is not a
-// way into the node's networks.
+// way into the node's networks. The first two addresses of a pod CIDR
+// (the node's tunnel address and the bridge's gateway) are the node's
+// own, whether or not the host's address list has them yet.
 func (c *ClientConfig) allowedAddr(addr netip.Addr, port int) (bool, string) {
 	var own []netip.Addr
 	var pods []netip.Prefix
 	if c.Destinations != nil {
 		own, pods = c.Destinations()
 	}
+	hostOfPods := slices.ContainsFunc(pods, func(p netip.Prefix) bool {
+		first := p.Masked().Addr()
+		return addr == first || addr == first.Next()
+	})
 	switch {
-	case slices.Contains(own, addr):
+	case slices.Contains(own, addr) || hostOfPods:
 		if port > 0 && (port == c.KubeletPort || slices.Contains(c.AllowPorts, port)) {
 			return true, ""
 		}
@@ -135,6 +141,25 @@ func (c *ClientConfig) allowedAddr(addr netip.Addr, port int) (bool, string) {
 		return true, ""
 	}
 	return false, fmt.Sprintf("%s is neither an address of node %s nor of its pods; the tunnel reaches only those", addr, c.NodeName)
+}
+
+// destination is where a stream for addr:port (an invalid addr: the
+// loopback) goes, or why it may not (a sentence for the server's caller).
+func (c *ClientConfig) destination(addr netip.Addr, port int) (netip.AddrPort, string) {
+	if addr.IsValid() && !addr.IsLoopback() {
+		if ok, why := c.allowedAddr(addr, port); !ok {
+			return netip.AddrPort{}, why
+		}
+		return netip.AddrPortFrom(addr, uint16(port)), ""
+	}
+	if !c.Allowed(port) {
+		return netip.AddrPort{}, fmt.Sprintf("port %d is not open to the tunnel on node %s; to open it, restart that node's agent with --tunnel-allow-port=%d",
+			port, c.NodeName, port)
+	}
+	if !addr.IsValid() {
+		addr = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	return netip.AddrPortFrom(addr, uint16(port)), ""
 }
 
 // connectURL returns the websocket URL of the connect path.
@@ -328,28 +353,12 @@ func (c *Client) serveStream(st *yamux.Stream) {
 		_ = st.Close()
 		return
 	}
-	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
-	switch {
-	case !addr.IsValid() || addr.IsLoopback():
-		if !c.cfg.Allowed(port) {
-			c.log.Info("tunnel refused a port that is not allowed", "port", port)
-			_, _ = st.Write(encodeReply(StatusNotAllowed, fmt.Sprintf(
-				"port %d is not open to the tunnel on node %s; to open it, restart that node's agent with --tunnel-allow-port=%d",
-				port, c.cfg.NodeName, port)))
-			_ = st.Close()
-			return
-		}
-		if addr.IsValid() {
-			dst = netip.AddrPortFrom(addr, uint16(port))
-		}
-	default:
-		if ok, why := c.cfg.allowedAddr(addr, port); !ok {
-			c.log.Info("tunnel refused a destination that is not allowed", "address", addr, "port", port)
-			_, _ = st.Write(encodeReply(StatusNotAllowed, why))
-			_ = st.Close()
-			return
-		}
-		dst = netip.AddrPortFrom(addr, uint16(port))
+	dst, why := c.cfg.destination(addr, port)
+	if why != "" {
+		c.log.Info("tunnel refused a destination that is not allowed", "address", addr, "port", port)
+		_, _ = st.Write(encodeReply(StatusNotAllowed, why))
+		_ = st.Close()
+		return
 	}
 	local, err := net.DialTimeout("tcp", dst.String(), localDialTimeout)
 	if err != nil {

@@ -673,6 +673,9 @@ func TestAllowedAddr(t *testing.T) {
 		{"10.1.0.5", 9100, true, ""},
 		{"10.1.0.5", 22, false, "--tunnel-allow-port=22"},
 		{"10.42.3.17", 8080, true, ""},
+		{"10.42.3.1", 22, false, "--tunnel-allow-port=22"}, // the bridge's gateway: the node's own
+		{"10.42.3.0", 22, false, "--tunnel-allow-port=22"}, // the tunnel address: the node's own
+		{"10.42.3.1", 10250, true, ""},
 		{"10.42.4.17", 8080, false, "neither an address of node home1 nor of its pods"},
 		{"10.1.0.6", 10250, false, "neither an address"},
 		{"192.0.2.1", 443, false, "neither an address"},
