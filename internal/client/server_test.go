@@ -278,7 +278,14 @@ func TestAdminCalls(t *testing.T) {
 	}
 	ts.join(t, "a", 1)
 	ts.join(t, "b", 2)
-	paths, err := admin.Paths(ctx)
+	// The server learns of joins through its store's watch: wait for it.
+	var paths []api.Path
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if paths, err = admin.Paths(ctx); err != nil || len(paths) == 2 || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil || len(paths) != 2 {
 		t.Fatalf("paths = %+v, %v; want a→b and b→a", paths, err)
 	}
