@@ -76,7 +76,7 @@ type Config struct {
 	// KubeletPort is the kubelet's port, which the server may reach on the
 	// node's addresses through the tunnel (kube-apiserver's logs, exec,
 	// port-forward through the Trellis egress). Default
-	// DefaultKubeletPort.
+	// api.DefaultKubeletPort.
 	KubeletPort int
 	// Logger receives the agent's logs. Default slog.Default().
 	Logger *slog.Logger
@@ -84,10 +84,6 @@ type Config struct {
 	// (--metrics-address).
 	Metrics prometheus.Registerer
 }
-
-// DefaultKubeletPort is the kubelet's port unless --kubelet-port says
-// otherwise.
-const DefaultKubeletPort = 10250
 
 // Validate fills in defaults and checks the values.
 func (c *Config) Validate() error {

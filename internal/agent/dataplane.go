@@ -33,8 +33,6 @@ type Device interface {
 	Kind() string
 	MTU() int
 	PublicKey() [32]byte
-	// Close releases the device (idempotent).
-	Close() error
 }
 
 // Host is the rest of the node's network that the loop keeps in shape:
@@ -62,8 +60,6 @@ type Host interface {
 	// Changes delivers a value after the host's links, addresses, routes
 	// or CNI config directory changed (several changes may come as one).
 	Changes() <-chan struct{}
-	// Close stops watching (idempotent).
-	Close() error
 }
 
 // hostDataplane is the real Host: cni and hostnet on the network

@@ -110,16 +110,13 @@ type stepState struct {
 // snapshot is what the loop last saw and did, for readers on other
 // goroutines (status endpoint, metrics, probes).
 type snapshot struct {
-	at            time.Time
 	self          api.Node
 	clusterCIDRs  []netip.Prefix
 	peers         []api.PeerStatus // the device's peers with their names
 	netmapVersion int64
 	netmapAt      time.Time
 	relayed       int
-	vpn           *api.VPNStatus
 	vpnMTU        int
-	failing       []string     // parts of the data plane that fail to apply
 	local         []netip.Addr // the host's addresses (the tunnel may dial them)
 }
 
@@ -237,11 +234,9 @@ func (l *loop) take(u Update, now time.Time) {
 	for _, d := range dropped {
 		l.log.Warn("ignoring part of the netmap", "version", nm.Version, "what", d)
 	}
-	names := make(map[api.Key]string, len(nm.Peers))
-	desired := make(map[api.Key]netip.AddrPort, len(nm.Peers))
-	for _, p := range nm.Peers {
-		names[p.PublicKey] = p.Name
-		desired[p.PublicKey] = p.Endpoint
+	byKey := make(map[api.Key]*api.Peer, len(nm.Peers))
+	for i := range nm.Peers {
+		byKey[nm.Peers[i].PublicKey] = &nm.Peers[i]
 	}
 	next := make(map[api.Key]*peerState, len(peers))
 	for _, p := range peers {
@@ -250,7 +245,7 @@ func (l *loop) take(u Update, now time.Time) {
 		if ps == nil {
 			ps = &peerState{since: now}
 		}
-		ps.name, ps.desired = names[k], desired[k]
+		ps.name, ps.desired = byKey[k].Name, byKey[k].Endpoint
 		next[k] = ps
 	}
 	l.peers, l.desired, l.nm, l.have, l.netmapAt = next, peers, nm, true, now
@@ -329,7 +324,7 @@ func (l *loop) pass(ctx context.Context, full bool, now time.Time) (watch bool, 
 		VPN:          vpnStatus,
 	})
 	l.checkWaits(st, now)
-	l.publish(st, vpnStatus, now)
+	l.publish(st)
 	return watch, nil
 }
 
@@ -518,13 +513,11 @@ func (l *loop) resetPeer(p mesh.PeerStatus, why string, attempts int) {
 }
 
 // publish makes what the loop saw readable from other goroutines.
-func (l *loop) publish(st []mesh.PeerStatus, vpnStatus *api.VPNStatus, now time.Time) {
+func (l *loop) publish(st []mesh.PeerStatus) {
 	s := &snapshot{
-		at:           now,
 		self:         l.nm.Self,
 		clusterCIDRs: l.nm.ClusterCIDRs,
 		peers:        make([]api.PeerStatus, 0, len(st)),
-		vpn:          vpnStatus,
 		vpnMTU:       l.vpnLink.MTU,
 		local:        l.addrs.Local,
 	}
@@ -544,10 +537,6 @@ func (l *loop) publish(st []mesh.PeerStatus, vpnStatus *api.VPNStatus, now time.
 		}
 		s.peers = append(s.peers, ps)
 	}
-	for what := range l.steps {
-		s.failing = append(s.failing, what)
-	}
-	slices.Sort(s.failing)
 	l.snap.Store(s)
 }
 

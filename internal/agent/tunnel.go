@@ -26,7 +26,7 @@ func (c *Config) validateTunnel() error {
 		return fmt.Errorf("--status-port %d is out of range 1-65535", c.StatusPort)
 	}
 	if c.KubeletPort == 0 {
-		c.KubeletPort = DefaultKubeletPort
+		c.KubeletPort = api.DefaultKubeletPort
 	}
 	if c.KubeletPort < 0 || c.KubeletPort > 65535 {
 		return fmt.Errorf("--kubelet-port %d is out of range 1-65535", c.KubeletPort)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -222,7 +223,8 @@ func watchDir(dir string, done <-chan struct{}, changed func()) (<-chan struct{}
 			}
 			gone := false
 			for off := 0; off+unix.SizeofInotifyEvent <= n; {
-				ev := (*unix.InotifyEvent)(unsafePointer(buf[off:]))
+				// The kernel's native layout.
+				ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
 				if ev.Mask&(unix.IN_IGNORED|unix.IN_DELETE_SELF|unix.IN_MOVE_SELF) != 0 {
 					gone = true
 				}

@@ -60,7 +60,6 @@ type Device struct {
 	peers  map[[32]byte]mesh.PeerStatus
 	addrs  []netip.Prefix
 	routes []netip.Prefix
-	closed bool
 	faults
 	// OnChange, if set, is called (without the lock) after the addresses
 	// or routes changed, as the kernel notifies a netlink listener. Set it
@@ -87,17 +86,12 @@ const (
 	OpRouteToLink      = "RouteToLink"
 )
 
-var errClosed = errors.New("device closed")
-
 // Status implements the agent's Device.
 func (d *Device) Status() ([]mesh.PeerStatus, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.hit(OpStatus); err != nil {
 		return nil, err
-	}
-	if d.closed {
-		return nil, errClosed
 	}
 	out := slices.Collect(maps.Values(d.peers))
 	slices.SortFunc(out, func(a, b mesh.PeerStatus) int { return slices.Compare(a.PublicKey[:], b.PublicKey[:]) })
@@ -115,9 +109,6 @@ func (d *Device) SetPeers(peers []mesh.Peer) error {
 	defer d.mu.Unlock()
 	if err := d.hit(OpSetPeers); err != nil {
 		return err
-	}
-	if d.closed {
-		return errClosed
 	}
 	next := make(map[[32]byte]mesh.PeerStatus, len(peers))
 	for _, p := range peers {
@@ -190,14 +181,6 @@ func (d *Device) Name() string        { return d.name }
 func (d *Device) Kind() string        { return "fake" }
 func (d *Device) MTU() int            { return d.mtu }
 func (d *Device) PublicKey() [32]byte { return d.pub }
-
-// Close implements the agent's Device.
-func (d *Device) Close() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.closed = true
-	return nil
-}
 
 // Peers returns the device's peers as configured, sorted by key.
 func (d *Device) Peers() []mesh.PeerStatus {
@@ -294,7 +277,6 @@ type Host struct {
 	files     map[string][]byte // CNI config files by path
 	vpnLink   hostnet.Link
 	vpnRoutes map[netip.Prefix]string // prefix → link
-	closed    bool
 	faults
 }
 
@@ -497,14 +479,6 @@ func (h *Host) VPNRoutes() map[netip.Prefix]string {
 
 // Changes implements the agent's Host.
 func (h *Host) Changes() <-chan struct{} { return h.c }
-
-// Close implements the agent's Host.
-func (h *Host) Close() error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.closed = true
-	return nil
-}
 
 // FailNext makes the next calls of op fail, one per error given (one
 // ErrInjected when none is).
