@@ -129,8 +129,8 @@ func TestDaemonSets(t *testing.T) {
 // TestManifestsApply: the real API server accepts every manifest
 // (kubectl apply --dry-run=server).
 func TestManifestsApply(t *testing.T) {
-	env := kubetest.Start(t, kubetest.Options{})
 	kubetest.Require(t, "kubectl")
+	env := kubetest.Start(t, kubetest.Options{})
 	out, err := env.Kubectl(t, "apply", "--dry-run=server", "-f", "kubernetes/")
 	if err != nil {
 		t.Fatalf("kubectl apply --dry-run=server -f deploy/kubernetes/: %v\n%s", err, out)

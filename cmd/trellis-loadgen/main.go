@@ -204,12 +204,16 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serve
 	}()
 	log.Info("server started", "pid", s.cmd.Process.Pid, "url", s.url, "log", s.log)
 	deadline := time.Now().Add(time.Minute)
+	var last error // why the server does not answer yet
 	for {
 		tok, err1 := os.ReadFile(filepath.Join(dir, "data", "server", "token"))
 		ca, err2 := os.ReadFile(filepath.Join(dir, "data", "server", "tls", pki.CACertFile))
-		if err1 == nil && err2 == nil && ping(ctx, s.url, ca) == nil {
-			s.token, s.ca = strings.TrimSpace(string(tok)), ca
-			return s, nil
+		last = errors.Join(err1, err2)
+		if last == nil {
+			if last = ping(ctx, s.url, ca); last == nil {
+				s.token, s.ca = strings.TrimSpace(string(tok)), ca
+				return s, nil
+			}
 		}
 		select {
 		case <-s.done:
@@ -222,7 +226,7 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serve
 		}
 		if time.Now().After(deadline) {
 			s.stop(log)
-			return nil, errors.New("server did not answer within a minute")
+			return nil, fmt.Errorf("server did not answer within a minute: %w", last)
 		}
 	}
 }

@@ -26,7 +26,7 @@ type tunnelFlags struct {
 func (t *tunnelFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&t.statusPort, "status-port", api.DefaultStatusPort, "127.0.0.1 port of the agent's status endpoint, always reachable by the server through the tunnel (-1: off)")
 	fs.Var(&t.allowPorts, "tunnel-allow-port", "port the server may reach through the tunnel on 127.0.0.1 and the node's addresses, for 'trellis proxy' (repeatable)")
-	fs.IntVar(&t.kubeletPort, "kubelet-port", agent.DefaultKubeletPort, "the kubelet's port: kube-apiserver reaches it on the node's addresses through the tunnel (trellis egress-config)")
+	fs.IntVar(&t.kubeletPort, "kubelet-port", api.DefaultKubeletPort, "the kubelet's port: kube-apiserver reaches it on the node's addresses through the tunnel (trellis egress-config)")
 }
 
 // apply maps the tunnel flags onto c.

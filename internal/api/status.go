@@ -9,6 +9,11 @@ import (
 // unless configured (--status-port).
 const DefaultStatusPort = 10251
 
+// DefaultKubeletPort is the kubelet's port unless the agent's
+// --kubelet-port (or, to a server in Kubernetes mode, the Node) says
+// otherwise: the egress reaches it through the node's tunnel.
+const DefaultKubeletPort = 10250
+
 // PathStatus is the path of the agent's status endpoint (GET, on
 // 127.0.0.1:status port; reachable from the server through the tunnel).
 const PathStatus = "/status"

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
@@ -78,11 +77,8 @@ func ParseAdminConfig(b []byte) (Config, error) {
 	if !x509.NewCertPool().AppendCertsFromPEM(ca) {
 		return Config{}, errors.New("certificate-authority-data is not a PEM certificate")
 	}
-	if !strings.HasPrefix(ac.Server, "https://") {
-		return Config{}, fmt.Errorf("server %q must be an https:// URL", ac.Server)
-	}
 	cfg := Config{URL: ac.Server, CA: ca, Certificate: &cert}
-	return cfg, cfg.Validate()
+	return cfg, cfg.Validate() // the URL
 }
 
 // nodePath is the path of node name under api.PathNodes.

@@ -44,6 +44,7 @@ var (
 	permPatchNode   = permission{verb: "patch", resource: "nodes"}
 	permPatchStatus = permission{verb: "patch", resource: "nodes", subresource: "status"}
 	permEvents      = permission{verb: "create", resource: "events"}
+	permPatchEvents = permission{verb: "patch", resource: "events"}
 )
 
 // Stats counts what the controller wrote to Kubernetes, and what it
@@ -734,12 +735,14 @@ func (c *Controller) announceRefusal(ctx context.Context, node *corev1.Node, r *
 	defer cancel()
 	events := c.client.core.Events(eventNamespace)
 	_, err := events.Create(pctx, ev, metav1.CreateOptions{FieldManager: FieldManager})
+	perm := permEvents
 	if apierrors.IsAlreadyExists(err) {
 		// Another server (or this one before a restart) made it.
 		patch, _ := json.Marshal(map[string]any{"lastTimestamp": now})
 		_, err = events.Patch(pctx, ev.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+		perm = permPatchEvents
 	}
-	if err = explain(err, c.user, permEvents); err != nil {
+	if err = explain(err, c.user, perm); err != nil {
 		c.log.Warn("could not put the Event on the Node", "node", node.Name, "err", err)
 		return
 	}

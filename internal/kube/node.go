@@ -190,16 +190,6 @@ func annotationPatch(node *corev1.Node, want map[string]string) []byte {
 	return b
 }
 
-// ourAnnotations reports whether node carries annotations Trellis wrote.
-func ourAnnotations(node *corev1.Node) bool {
-	for k := range node.Annotations {
-		if strings.HasPrefix(k, AnnotationPrefix) {
-			return true
-		}
-	}
-	return false
-}
-
 // condition is the NetworkUnavailable condition Trellis wants on a Node.
 type condition struct {
 	status  corev1.ConditionStatus
@@ -239,10 +229,8 @@ func refusedCondition(r *refusal) condition {
 // touched), or nil when the Node has it already. The times are those of
 // the transition: nothing is rewritten to say that nothing changed.
 func conditionPatch(node *corev1.Node, want condition, now func() string) []byte {
-	for _, c := range node.Status.Conditions {
-		if c.Type == corev1.NodeNetworkUnavailable && c.Status == want.status && c.Reason == want.reason && c.Message == want.message {
-			return nil
-		}
+	if c, ok := networkUnavailable(node); ok && c.Status == want.status && c.Reason == want.reason && c.Message == want.message {
+		return nil
 	}
 	t := now()
 	b, _ := json.Marshal(map[string]any{"status": map[string]any{"conditions": []map[string]any{{

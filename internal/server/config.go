@@ -53,7 +53,7 @@ type Config struct {
 	// KubeletPort, if set, returns the kubelet's port of a node (its
 	// Kubernetes Node's daemonEndpoints), or 0 if unknown: the egress
 	// (egress.go) reaches that port on the node's addresses. Default
-	// DefaultKubeletPort.
+	// api.DefaultKubeletPort.
 	KubeletPort func(node string) int
 	// Kube, if set, makes the server follow the Nodes of a Kubernetes
 	// cluster (--kubeconfig, or in-cluster): a node's pod CIDRs are its

@@ -38,9 +38,6 @@ import (
 // EgressSocketName is the egress unix socket in the server's data dir.
 const EgressSocketName = "egress.sock"
 
-// DefaultKubeletPort is the kubelet's port unless its Node says otherwise.
-const DefaultKubeletPort = 10250
-
 // egressDialTimeout bounds setting up a CONNECT through a tunnel.
 const egressDialTimeout = 15 * time.Second
 
@@ -243,19 +240,19 @@ func (s *Server) dialEgress(ctx context.Context, target string) (net.Conn, error
 
 // kubeletPort is the kubelet's port of node: Config.KubeletPort's answer,
 // else what its Kubernetes Node reports (daemonEndpoints) in Kubernetes
-// mode, else DefaultKubeletPort.
+// mode, else api.DefaultKubeletPort.
 func (s *Server) kubeletPort(node string) int {
 	if s.cfg.KubeletPort != nil {
 		if p := s.cfg.KubeletPort(node); p > 0 {
 			return p
 		}
 	}
-	if k := s.kubelets.Load(); k != nil {
+	if k := s.kube.Load(); k != nil {
 		if p := k.KubeletPort(node); p > 0 {
 			return p
 		}
 	}
-	return DefaultKubeletPort
+	return api.DefaultKubeletPort
 }
 
 // writeRawStatus answers a hijacked request with status and reason as

@@ -237,7 +237,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, api.ErrCodeInternal, "the server could not store the node: "+err.Error())
 		return
 	}
-	if len(rec.PodCIDRs) == 0 && s.kube != nil {
+	if len(rec.PodCIDRs) == 0 && s.cfg.Kube != nil {
 		s.log.Info("node joined; it waits for the pod CIDR of its Kubernetes Node", "node", rec.Name, "source", src, "took", time.Since(start).Round(time.Millisecond))
 	} else {
 		s.log.Info("node joined", "node", rec.Name, "source", src, "podCIDRs", joinPrefixes(rec.PodCIDRs), "took", time.Since(start).Round(time.Millisecond))

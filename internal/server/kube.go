@@ -132,7 +132,12 @@ func (r *registry) adoptPodCIDRs(ctx context.Context, name, uid string, cidrs []
 // of a node that holds p from before Kubernetes mode loses it after that
 // node's record was written without pod CIDRs.
 func (r *registry) claimExact(ctx context.Context, name string, p netip.Prefix) (bool, error) {
-	defer r.forgetClaims()
+	tookOver := false
+	defer func() {
+		if tookOver {
+			r.forgetClaims()
+		}
+	}()
 	b, err := json.Marshal(claim{Node: name, ClaimedAt: r.now().UTC()})
 	if err != nil {
 		return false, err
@@ -140,6 +145,11 @@ func (r *registry) claimExact(ctx context.Context, name string, p netip.Prefix) 
 	for range maxCASRetries {
 		_, err := r.kv.Create(ctx, claimKey(p), b)
 		if err == nil {
+			r.claimsMu.Lock()
+			if r.claims != nil {
+				r.claims[p] = name // as claimIn does: the cache stays a hint
+			}
+			r.claimsMu.Unlock()
 			return true, nil
 		}
 		if !errors.Is(err, store.ErrExists) {
@@ -168,6 +178,7 @@ func (r *registry) claimExact(ctx context.Context, name string, p netip.Prefix) 
 				return false, err
 			}
 		}
+		tookOver = true
 		if err := r.kv.Delete(ctx, claimKey(p), rev); err != nil && !errors.Is(err, store.ErrConflict) && !errors.Is(err, store.ErrNotFound) {
 			return false, fmt.Errorf("take over the claim of %s: %w", p, err)
 		}

@@ -321,7 +321,7 @@ func TestKubeHA(t *testing.T) {
 	})
 	time.Sleep(2 * time.Second)
 	settled := writes.total()
-	t.Logf("measured: two servers, %d Nodes: %d Node writes until settled (%s); srv-a %+v, srv-b %+v", len(names), settled, writes, sa.kube.Stats(), sb.kube.Stats())
+	t.Logf("measured: two servers, %d Nodes: %d Node writes until settled (%s); srv-a %+v, srv-b %+v", len(names), settled, writes, sa.kube.Load().Stats(), sb.kube.Load().Stats())
 	if settled > 4*len(names) {
 		t.Errorf("%d Node writes for %d Nodes: the servers fight", settled, len(names))
 	}

@@ -129,8 +129,8 @@ func (m *serverMetrics) Collect(ch chan<- prometheus.Metric) {
 	for node, lag := range lags {
 		ch <- prometheus.MustNewConstMetric(descSrvNetmapLag, prometheus.GaugeValue, float64(lag), node)
 	}
-	if s.kube != nil {
-		st := s.kube.Stats()
+	if k := s.kube.Load(); k != nil {
+		st := k.Stats()
 		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.NodePatches), "node")
 		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.StatusPatches), "status")
 		ch <- prometheus.MustNewConstMetric(descKubeWrites, prometheus.CounterValue, float64(st.Events), "event")

@@ -59,11 +59,9 @@ type Server struct {
 	// metrics are the Prometheus metrics (metrics.go).
 	metrics *serverMetrics
 	// kube follows the Nodes of a Kubernetes cluster (Config.Kube); nil
-	// outside Kubernetes mode.
-	kube *kube.Controller
-	// kubelets is kube for readers on other goroutines (the egress),
-	// set once it runs.
-	kubelets atomic.Pointer[kube.Controller]
+	// outside Kubernetes mode and until it runs (it starts after the API
+	// is served: handlers read it with Load).
+	kube atomic.Pointer[kube.Controller]
 
 	closeOnce sync.Once
 	closeErr  error
@@ -194,10 +192,11 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	if cfg.Kube != nil {
-		if s.kube, err = kube.Start(ctx, *cfg.Kube, kubeMesh{s}); err != nil {
+		k, err := kube.Start(ctx, *cfg.Kube, kubeMesh{s})
+		if err != nil {
 			return nil, err
 		}
-		s.kubelets.Store(s.kube) // the egress's kubelet ports (egress.go)
+		s.kube.Store(k)
 	}
 	s.log.Info("server listening", "url", "https://"+ln.Addr().String(), "node", cfg.NodeName,
 		"clusterCIDR", joinPrefixes(cfg.ClusterCIDRs), "token", cfg.dir("token"), "adminConfig", cfg.dir("admin.yaml"))
@@ -224,8 +223,8 @@ func (s *Server) Token() string {
 // Close stops the API and the store. It is idempotent.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
-		if s.kube != nil {
-			s.kube.Close() // it writes to the store: first
+		if k := s.kube.Load(); k != nil {
+			k.Close() // it writes to the store: first
 		}
 		if s.cancel != nil {
 			s.cancel() // ends netmap streams cleanly: their contexts derive from it

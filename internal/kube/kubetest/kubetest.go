@@ -292,9 +292,6 @@ func (e *Env) Admin(t testing.TB) kubernetes.Interface {
 	return NewClient(t, e.admin)
 }
 
-// AdminConfig returns a copy of the admin's client config.
-func (e *Env) AdminConfig() *rest.Config { return rest.CopyConfig(e.admin) }
-
 // NodeClient returns a client with the credentials a kubelet of node
 // name has: a certificate of system:node:<name> in group system:nodes.
 func (e *Env) NodeClient(t testing.TB, name string) kubernetes.Interface {
