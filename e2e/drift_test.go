@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -68,12 +67,6 @@ func hostState(t *testing.T, m *member, ifaces []string) []string {
 	return out
 }
 
-// fastPing sends one ICMP echo from ns to dst and waits 200 ms for it.
-func fastPing(l *Lab, ns string, dst netip.Addr) error {
-	_, err := l.Exec(ns, "ping", "-n", "-q", "-c", "1", "-W", "0.2", dst.String())
-	return err
-}
-
 // TestDriftRepair breaks parts of a running node's data plane the way an
 // operator, a package upgrade or another CNI installer would, and checks
 // that the agent repairs each without a restart, that pod traffic to the
@@ -104,10 +97,10 @@ func TestDriftRepair(t *testing.T) {
 		t.Fatal(err)
 	}
 	podTraffic := func() error {
-		if err := fastPing(lab, server.pod.NS, victim.pod.IP); err != nil {
+		if err := pingWait(lab, server.pod.NS, victim.pod.IP, "0.2"); err != nil {
 			return err
 		}
-		return fastPing(lab, a3.pod.NS, victim.pod.IP)
+		return pingWait(lab, a3.pod.NS, victim.pod.IP, "0.2")
 	}
 	conflistRestored := func() error {
 		b, err := os.ReadFile(conflist)
@@ -195,10 +188,10 @@ func TestDriftRepair(t *testing.T) {
 			p.Name += "-new"
 			victim.pod = p
 		}
-		if err := fastPing(lab, victim.pod.NS, server.pod.IP); err != nil {
+		if err := pingWait(lab, victim.pod.NS, server.pod.IP, "0.2"); err != nil {
 			return err
 		}
-		return fastPing(lab, server.pod.NS, victim.pod.IP)
+		return pingWait(lab, server.pod.NS, victim.pod.IP, "0.2")
 	})
 	if got := victim.proc.Pid(); got != pid || !victim.proc.Running() {
 		t.Fatalf("the agent was restarted (pid %d, now %d, running %v)", pid, got, victim.proc.Running())

@@ -17,8 +17,8 @@ import (
 // TestImageArchive checks the busybox image tarball without containerd:
 // every blob is stored under its digest, index.json names the image Ref,
 // the config's diff_ids is the layer's digest, the layer has sh as a link
-// to busybox, and making the layer again gives the same bytes (the tag
-// depends on content only). Needs no root.
+// to busybox, and a layer's bytes do not depend on the order its files
+// are given in (the tag depends on content only). Needs no root.
 func TestImageArchive(t *testing.T) {
 	img := BusyboxImage(t)
 	data, err := os.ReadFile(img.Path)

@@ -228,7 +228,7 @@ func (n *Node) StartContainerd(t testing.TB, o ContainerdOptions) *Containerd {
 
 	script := mountNamespaceScript(c.Dir) + c.cgroups.joinScript() + `exec "$@"`
 	t0 := time.Now()
-	p, err := startNodeProc("containerd@"+n.Name, filepath.Join(c.Dir, "containerd.log"), nil,
+	p, err := startNodeProc("containerd@"+n.Name, filepath.Join(c.Dir, "containerd.log"),
 		"nsenter", "--net=/run/netns/"+n.NS, "--",
 		"unshare", "--mount", "--propagation", "private", "--",
 		"sh", "-c", script, "sh",
@@ -348,9 +348,6 @@ func (c *Containerd) Pid() int { return c.proc.Pid() }
 // RSS is containerd's resident memory in MiB.
 func (c *Containerd) RSS() float64 { return rssMiB(c.proc.Pid()) }
 
-// Err is nil while containerd runs (see nodeProc.Err).
-func (c *Containerd) Err() error { return c.proc.Err() }
-
 // stop stops the kubelet if it runs, then containerd, kills what is left
 // in the node's cgroups (shims, pods) and removes them.
 func (c *Containerd) stop() {
@@ -452,7 +449,7 @@ func (c *Containerd) StartKubelet(t testing.TB, env *kubetest.Env, o KubeletOpti
 		"nsenter", fmt.Sprintf("--target=%d", c.Pid()), "--mount", "--net", "--",
 		"sh", "-c", script, "sh", bin,
 	}, args...)
-	p, err := startNodeProc("kubelet@"+c.Node.Name, filepath.Join(base, "kubelet.log"), nil, argv...)
+	p, err := startNodeProc("kubelet@"+c.Node.Name, filepath.Join(base, "kubelet.log"), argv...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -538,17 +535,11 @@ serializeImagePulls: false
 `
 }
 
-// Pid is the kubelet's process ID.
-func (k *Kubelet) Pid() int { return k.proc.Pid() }
-
 // RSS is the kubelet's resident memory in MiB.
 func (k *Kubelet) RSS() float64 { return rssMiB(k.proc.Pid()) }
 
 // Err is nil while the kubelet runs (see nodeProc.Err).
 func (k *Kubelet) Err() error { return k.proc.Err() }
-
-// Log returns the kubelet's log so far.
-func (k *Kubelet) Log() string { return k.proc.Log() }
 
 // WaitReady waits until the kubelet's Node is Ready and returns how long
 // that took since the kubelet started.

@@ -77,7 +77,7 @@ func TestKubeletThroughEgress(t *testing.T) {
 	}
 	podIP := netip.MustParseAddr(p.Status.PodIP)
 	if cidrs := nodes["home"].PodCIDRs; len(cidrs) == 0 || !cidrs[0].Contains(podIP) {
-		t.Errorf("pod IP %s is not in home's Trellis pod CIDR %v", podIP, cidrs)
+		t.Fatalf("pod IP %s is not in home's Trellis pod CIDR %v", podIP, cidrs)
 	}
 	// The Node as Trellis left it: its pod CIDR is Trellis's, the
 	// annotations, and NetworkUnavailable=False.

@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -61,7 +60,7 @@ func TestKubernetesMulticloud(t *testing.T) {
 	a3 := c.startAgent(aws, withAddressFlags("--node-ip", aws.LANIP.String(), "--node-external-ip", aws.NATIP.String()))
 	a4 := c.startAgent(home)
 	all := []*member{srv, a2, a3, a4}
-	c.waitNodes(all...)
+	listed := c.waitNodes(all...)
 	start := time.Now()
 	for _, m := range all {
 		env.RegisterNode(t, m.Name, nil)
@@ -95,12 +94,7 @@ func TestKubernetesMulticloud(t *testing.T) {
 	c.checkPods("pods across clouds (one behind 1:1 NAT, one in a home)", all, all, meshTimeout)
 
 	t.Run("kubectl-delete-node", func(t *testing.T) {
-		key := ""
-		WaitFor(t, defaultTimeout, "cloud2's key", func() error {
-			nodes, err := c.nodes()
-			key = nodes[a2.Name].PublicKey.String()
-			return err
-		})
+		key := listed[a2.Name].PublicKey.String() // waitNodes listed every member
 		t0 := time.Now()
 		if out, err := env.Kubectl(t, "delete", "node", a2.Name); err != nil {
 			t.Fatalf("kubectl delete node: %v\n%s", err, out)
@@ -175,8 +169,10 @@ func TestKubernetesMulticloud(t *testing.T) {
 				t.Errorf("%s → %s: no ping statistics: %s", p.from.Name, p.to.Name, out)
 				continue
 			}
-			if m[1] != m[2] {
-				t.Errorf("%s → %s with the API server down: %s of %s probes lost", p.from.Name, p.to.Name, strconv.Itoa(atoi(m[1])-atoi(m[2])), m[1])
+			sent, _ := strconv.Atoi(m[1])
+			received, _ := strconv.Atoi(m[2])
+			if sent != received {
+				t.Errorf("%s → %s with the API server down: %d of %d probes lost", p.from.Name, p.to.Name, sent-received, sent)
 			}
 			t.Logf("measured: %s → %s pod probes with the API server down %v: %s sent, %s received", p.from.Name, p.to.Name, down, m[1], m[2])
 		}
@@ -187,10 +183,5 @@ func TestKubernetesMulticloud(t *testing.T) {
 			}
 		}
 		c.checkPods("after the API server came back", all, all, meshTimeout)
-		if logs := srv.proc.Log(); !strings.Contains(logs, "following Kubernetes Nodes") {
-			t.Errorf("the server never followed the Nodes")
-		}
 	})
 }
-
-func atoi(s string) int { n, _ := strconv.Atoi(s); return n }

@@ -410,17 +410,26 @@ func (l *Lab) Home(name, publicCIDR, lanCIDR string) *Node {
 	if mustPrefix(l.t, lanCIDR).Addr() == lan.Gateway {
 		l.t.Fatalf("home %s: node address %s is the gateway's address", name, lanCIDR)
 	}
+	return l.natted("home", name, pub, lan, lanCIDR, `add table ip nat
+add chain ip nat postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule ip nat postrouting oifname "eth0" masquerade
+`)
+}
+
+// natted puts a NAT router in front of lan: public address pub on the
+// internet (eth0), the LAN's gateway on eth1, forwarding on and the
+// nftables rules given; then one node with lanCIDR on the LAN, whose
+// NATIP is pub. kind names the place in messages.
+func (l *Lab) natted(kind, name string, pub netip.Prefix, lan *LAN, lanCIDR, rules string) *Node {
+	l.t.Helper()
 	nat := l.newNamespace(name + "-nat")
 	l.sysctl(nat, "net.ipv4.ip_forward", "1")
 	l.Internet().attach(nat, "eth0", name+"-nat", pub)
 	lan.plug(nat, "eth1", netip.PrefixFrom(lan.Gateway, lan.Prefix.Bits()))
 	cmd := exec.Command("ip", "netns", "exec", nat, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(`add table ip nat
-add chain ip nat postrouting { type nat hook postrouting priority srcnat; policy accept; }
-add rule ip nat postrouting oifname "eth0" masquerade
-`)
+	cmd.Stdin = strings.NewReader(rules)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		l.t.Fatalf("home %s: nft masquerade: %v: %s", name, err, out)
+		l.t.Fatalf("%s %s: nft: %v: %s", kind, name, err, out)
 	}
 	n := l.Machine(name, "", lan, lanCIDR)
 	n.NATIP = pub.Addr()
@@ -447,8 +456,12 @@ func (n *Node) Start(args ...string) *Proc {
 // Ping sends one ICMP echo from the node's namespace to dst.
 func (n *Node) Ping(dst netip.Addr) error { return ping(n.lab, n.NS, dst) }
 
-func ping(l *Lab, ns string, dst netip.Addr) error {
-	_, err := l.Exec(ns, "ping", "-n", "-q", "-c", "1", "-W", "1", dst.String())
+func ping(l *Lab, ns string, dst netip.Addr) error { return pingWait(l, ns, dst, "1") }
+
+// pingWait sends one ICMP echo from ns to dst and waits wait seconds (ping
+// -W; fractions allowed) for the answer.
+func pingWait(l *Lab, ns string, dst netip.Addr, wait string) error {
+	_, err := l.Exec(ns, "ping", "-n", "-q", "-c", "1", "-W", wait, dst.String())
 	return err
 }
 

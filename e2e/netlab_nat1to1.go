@@ -4,9 +4,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/netip"
-	"os/exec"
-	"strings"
 )
 
 // CloudNAT creates a cloud whose node has only a private address, behind
@@ -28,21 +25,10 @@ func (l *Lab) CloudNAT(name, publicCIDR, lanCIDR string) *Node {
 	if node == lan.Gateway {
 		l.t.Fatalf("cloud %s: node address %s is the gateway's address", name, lanCIDR)
 	}
-	nat := l.newNamespace(name + "-nat")
-	l.sysctl(nat, "net.ipv4.ip_forward", "1")
-	l.Internet().attach(nat, "eth0", name+"-nat", pub)
-	lan.plug(nat, "eth1", netip.PrefixFrom(lan.Gateway, lan.Prefix.Bits()))
-	cmd := exec.Command("ip", "netns", "exec", nat, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(fmt.Sprintf(`add table ip nat
+	return l.natted("cloud", name, pub, lan, lanCIDR, fmt.Sprintf(`add table ip nat
 add chain ip nat prerouting { type nat hook prerouting priority dstnat; policy accept; }
 add chain ip nat postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add rule ip nat prerouting iifname "eth0" ip daddr %[1]s dnat to %[2]s
 add rule ip nat postrouting oifname "eth0" ip saddr %[2]s snat to %[1]s
 `, pub.Addr(), node))
-	if out, err := cmd.CombinedOutput(); err != nil {
-		l.t.Fatalf("cloud %s: nft 1:1 NAT: %v: %s", name, err, out)
-	}
-	n := l.Machine(name, "", lan, lanCIDR)
-	n.NATIP = pub.Addr()
-	return n
 }

@@ -336,13 +336,12 @@ type nodeProc struct {
 }
 
 // startNodeProc starts argv with stdout and stderr appended to logPath.
-func startNodeProc(name, logPath string, env []string, argv ...string) (*nodeProc, error) {
+func startNodeProc(name, logPath string, argv ...string) (*nodeProc, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// If the test binary dies, so does the process (its shims and pods
 	// are found by their cgroup in the next run).
