@@ -31,6 +31,10 @@ const (
 	DefaultWorkers = 4
 	// DefaultRequestTimeout bounds one call to the API server.
 	DefaultRequestTimeout = 15 * time.Second
+	// DefaultQPS is how many requests a second the controller sends the
+	// API server at most (with bursts of twice as many): Node writes,
+	// almost all of them.
+	DefaultQPS = 50
 )
 
 // Files of the service account of a pod (in-cluster config).
@@ -62,6 +66,9 @@ type Config struct {
 	// RequestTimeout bounds one call to the API server. Default
 	// DefaultRequestTimeout.
 	RequestTimeout time.Duration
+	// QPS bounds the requests per second to the API server (bursts of
+	// 2×). Default DefaultQPS.
+	QPS float32
 	// Instance names this server in Events and logs. Default: the host
 	// name.
 	Instance string
@@ -92,8 +99,11 @@ func (c *Config) Validate() error {
 	if c.RequestTimeout == 0 {
 		c.RequestTimeout = DefaultRequestTimeout
 	}
-	if c.AllocateGrace < 0 || c.Resync < 0 || c.Workers < 0 || c.RequestTimeout < 0 {
-		return errors.New("kubernetes: durations and the worker count must not be negative")
+	if c.QPS == 0 {
+		c.QPS = DefaultQPS
+	}
+	if c.AllocateGrace < 0 || c.Resync < 0 || c.Workers < 0 || c.RequestTimeout < 0 || c.QPS < 0 {
+		return errors.New("kubernetes: durations, the worker count and the QPS must not be negative")
 	}
 	if c.Instance == "" {
 		c.Instance, _ = os.Hostname()

@@ -74,7 +74,14 @@ type Controller struct {
 
 	nodes  cache.SharedIndexInformer
 	lister corelisters.NodeLister
+	// queue holds the names of Nodes to bring into the mesh (pod CIDRs
+	// and addresses into the records: the store, no API calls but
+	// allocations and Events), writes those whose Node should show
+	// something new (annotations and condition: API calls at cfg.QPS).
+	// Two queues, so that the pod CIDRs of a thousand new Nodes do not
+	// wait behind each other's Node writes.
 	queue  workqueue.TypedRateLimitingInterface[string]
+	writes workqueue.TypedRateLimitingInterface[string]
 	// unreachable: the API server did not answer the last list or watch.
 	unreachable atomic.Bool
 
@@ -113,7 +120,7 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	}
 	rc = rest.CopyConfig(rc)
 	rc.UserAgent = "trellis"
-	rc.QPS, rc.Burst = 50, 100
+	rc.QPS, rc.Burst = cfg.QPS, int(2*cfg.QPS)
 	// A dialer of our own gives this controller its own transport
 	// (client-go shares cached ones): Close can close its connections.
 	rc.Dial = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
@@ -158,6 +165,9 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 	c.queue = workqueue.NewTypedRateLimitingQueueWithConfig(
 		workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second),
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "trellis-nodes"})
+	c.writes = workqueue.NewTypedRateLimitingQueueWithConfig(
+		workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 30*time.Second),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "trellis-node-writes"})
 	c.nodes = cache.NewSharedIndexInformerWithOptions(c.listWatch(), &corev1.Node{}, cache.SharedIndexInformerOptions{ResyncPeriod: cfg.Resync})
 	c.lister = corelisters.NewNodeLister(c.nodes.GetIndexer())
 	if err := c.nodes.SetTransform(trimNode); err != nil {
@@ -193,10 +203,15 @@ func Start(ctx context.Context, cfg Config, mesh Mesh) (*Controller, error) {
 			log.Info("following Kubernetes Nodes", "nodes", len(c.nodes.GetStore().ListKeys()), "took", time.Since(start).Round(time.Millisecond))
 		}
 	}()
+	c.wg.Add(cfg.Workers)
 	for range cfg.Workers {
 		go func() {
 			defer c.wg.Done()
-			c.work(runCtx)
+			c.work(runCtx, c.queue, c.sync)
+		}()
+		go func() {
+			defer c.wg.Done()
+			c.work(runCtx, c.writes, c.writeNode)
 		}()
 	}
 	return c, nil
@@ -208,6 +223,7 @@ func (c *Controller) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
 		c.queue.ShutDown()
+		c.writes.ShutDown()
 		c.wg.Wait()
 		c.http.CloseIdleConnections()
 	})
@@ -407,7 +423,9 @@ func (c *Controller) member(name string) *Member {
 	return &cp
 }
 
-func (c *Controller) work(ctx context.Context) {
+// work syncs the names in queue with sync, one at a time, until the
+// queue shuts down; a failed sync is retried with backoff.
+func (c *Controller) work(ctx context.Context, queue workqueue.TypedRateLimitingInterface[string], sync func(context.Context, string) error) {
 	if !cache.WaitForCacheSync(ctx.Done(), c.nodes.HasSynced) {
 		return
 	}
@@ -417,31 +435,32 @@ func (c *Controller) work(ctx context.Context) {
 	case <-c.loaded:
 	}
 	for {
-		name, quit := c.queue.Get()
+		name, quit := queue.Get()
 		if quit {
 			return
 		}
-		err := c.sync(ctx, name)
+		err := sync(ctx, name)
 		switch {
 		case err == nil:
-			c.queue.Forget(name)
+			queue.Forget(name)
 		case ctx.Err() != nil:
 		default:
 			var fe *ForbiddenError
 			if errors.As(err, &fe) {
 				c.logForbidden(fe)
 			} else {
-				c.log.Warn("syncing a Node failed; retrying", "node", name, "err", err, "retries", c.queue.NumRequeues(name))
+				c.log.Warn("syncing a Node failed; retrying", "node", name, "err", err, "retries", queue.NumRequeues(name))
 			}
-			c.queue.AddRateLimited(name)
+			queue.AddRateLimited(name)
 		}
-		c.queue.Done(name)
+		queue.Done(name)
 	}
 }
 
-// sync makes the Trellis node and the Node of name agree: pod CIDRs from
-// the Node into the record, addresses from the Node's k3s annotations,
-// and the node's key, endpoints and network condition onto the Node.
+// sync brings the Node of name into the mesh: pod CIDRs from the Node
+// into the record (or refused, or allocated), addresses from the Node's
+// k3s annotations. It queues the Node for writeNode, which shows the
+// node's key, endpoints and network condition on it.
 func (c *Controller) sync(ctx context.Context, name string) error {
 	node, err := c.lister.Get(name)
 	if apierrors.IsNotFound(err) {
@@ -453,15 +472,10 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 	switch {
 	case m == nil:
 		c.forget(name)
-		if node == nil || !c.wasDeleted(name) {
-			return nil // not a Trellis node, or one this server has not seen yet
+		if node != nil && c.wasDeleted(name) {
+			c.writes.Add(name) // trellis node delete: the Node no longer speaks for Trellis
 		}
-		// trellis node delete: the Node no longer speaks for Trellis.
-		errs := []error{c.patchAnnotations(ctx, node, wantAnnotations(&Member{}))}
-		if cond, ok := networkUnavailable(node); ok && cond.Reason == ConditionReasonUp {
-			errs = append(errs, c.patchCondition(ctx, node, removedCondition()))
-		}
-		return errors.Join(errs...)
+		return nil // else not a Trellis node, or one this server has not seen yet
 	case node == nil:
 		c.forget(name)
 		if m.NodeUID == "" || len(m.PodCIDRs) == 0 {
@@ -480,18 +494,63 @@ func (c *Controller) sync(ctx context.Context, name string) error {
 		c.log.Info("Node deleted: the node leaves the mesh (its Trellis record stays; 'trellis node delete' revokes it)", "node", name, "podCIDRs", joinPrefixes(m.PodCIDRs))
 		return c.mesh.ClearPodCIDRs(ctx, name, m.NodeUID)
 	}
-	cond, err := c.syncPodCIDRs(ctx, node, m)
+	err = c.syncPodCIDRs(ctx, node, m)
 	moved, aerr := c.syncAddresses(ctx, node, m)
-	errs := []error{err, aerr}
 	if !moved {
-		// (With new addresses the endpoints change too: the annotations
-		// follow when the record is seen, in one patch.)
-		errs = append(errs, c.patchAnnotations(ctx, node, wantAnnotations(m)))
+		// (With new addresses the endpoints change too: the Node is
+		// written when the record is seen, in one patch.)
+		c.writes.Add(name)
 	}
-	if cond != nil {
+	return errors.Join(err, aerr)
+}
+
+// writeNode shows on the Node of name what Trellis knows of the node:
+// its key and endpoints (annotations) and whether it is in the mesh (the
+// NetworkUnavailable condition); or, for a node deleted from Trellis,
+// that the Node no longer speaks for it. It writes only what differs.
+func (c *Controller) writeNode(ctx context.Context, name string) error {
+	node, err := c.lister.Get(name)
+	if apierrors.IsNotFound(err) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	m := c.member(name)
+	if m == nil {
+		if !c.wasDeleted(name) {
+			return nil
+		}
+		errs := []error{c.patchAnnotations(ctx, node, wantAnnotations(&Member{}))}
+		if cond, ok := networkUnavailable(node); ok && cond.Reason == ConditionReasonUp {
+			errs = append(errs, c.patchCondition(ctx, node, removedCondition()))
+		}
+		return errors.Join(errs...)
+	}
+	errs := []error{c.patchAnnotations(ctx, node, wantAnnotations(m))}
+	if cond := c.wantCondition(node, m); cond != nil {
 		errs = append(errs, c.patchCondition(ctx, node, *cond))
 	}
 	return errors.Join(errs...)
+}
+
+// wantCondition returns the NetworkUnavailable condition the Node should
+// show, nil to leave it: refused while its pod CIDRs are refused, up once
+// the node holds the Node's pod CIDRs and is in the mesh.
+func (c *Controller) wantCondition(node *corev1.Node, m *Member) *condition {
+	c.mu.Lock()
+	r := c.refused[node.Name]
+	c.mu.Unlock()
+	if r != nil {
+		rc := refusedCondition(r)
+		return &rc
+	}
+	uid := string(node.UID)
+	cidrs, ref := nodePodCIDRs(&node.Spec, c.cfg.ClusterCIDRs)
+	if ref == nil && cidrs != nil && slices.Equal(m.PodCIDRs, cidrs) && m.NodeUID == uid && m.inMesh(uid) {
+		up := upCondition()
+		return &up
+	}
+	return nil
 }
 
 // wasDeleted reports whether the Trellis node name was deleted while
@@ -512,60 +571,54 @@ func (c *Controller) forget(name string) {
 }
 
 // syncPodCIDRs brings the Node's pod CIDRs into the record, or refuses
-// them, or (after the grace) writes Trellis's own into the Node. It
-// returns the NetworkUnavailable condition the Node should show, nil to
-// leave it.
-func (c *Controller) syncPodCIDRs(ctx context.Context, node *corev1.Node, m *Member) (*condition, error) {
+// them (remembered in c.refused: wantCondition shows it), or (after the
+// grace) writes Trellis's own into the Node.
+func (c *Controller) syncPodCIDRs(ctx context.Context, node *corev1.Node, m *Member) error {
 	uid := string(node.UID)
 	if uid == m.GoneUID {
-		return nil, nil // a deletion another server saw first: this cache lags it
+		return nil // a deletion another server saw first: this cache lags it
 	}
 	cidrs, ref := nodePodCIDRs(&node.Spec, c.cfg.ClusterCIDRs)
 	if ref == nil && cidrs != nil {
 		if slices.Equal(m.PodCIDRs, cidrs) && m.NodeUID == uid {
 			c.accepted(node.Name)
-			if m.inMesh(uid) {
-				up := upCondition()
-				return &up, nil
-			}
-			return nil, nil
+			return nil
 		}
 		var oe *OverlapError
 		switch err := c.mesh.AdoptPodCIDRs(ctx, node.Name, uid, cidrs); {
 		case errors.As(err, &oe):
 			ref = overlapRefusal(oe)
 		case errors.Is(err, ErrNoMember):
-			return nil, nil
+			return nil
 		case err != nil:
-			return nil, err
+			return err
 		default:
 			c.accepted(node.Name)
 			c.log.Info("node joins the mesh with the pod CIDRs of its Node", "node", node.Name, "podCIDRs", joinPrefixes(cidrs))
-			return nil, nil // the condition follows when the record is seen
+			return nil // the condition follows when the record is seen
 		}
 	}
 	if ref != nil {
 		if len(m.PodCIDRs) > 0 {
 			if err := c.mesh.ClearPodCIDRs(ctx, node.Name, ""); err != nil {
-				return nil, err
+				return err
 			}
 		}
 		c.announceRefusal(ctx, node, ref)
-		rc := refusedCondition(ref)
-		return &rc, nil
+		return nil
 	}
 	// The Node has no pod CIDR yet.
 	if m.NodeUID != "" && m.NodeUID != uid {
 		// Its Node was deleted and registered again: the pod CIDRs are
 		// the old Node's.
 		c.log.Info("Node registered again: the node waits for the new Node's pod CIDR", "node", node.Name)
-		return nil, c.mesh.ClearPodCIDRs(ctx, node.Name, m.NodeUID)
+		return c.mesh.ClearPodCIDRs(ctx, node.Name, m.NodeUID)
 	}
 	if wait := c.graceLeft(node.Name); wait > 0 {
 		c.queue.AddAfter(node.Name, wait)
-		return nil, nil
+		return nil
 	}
-	return nil, c.allocate(ctx, node)
+	return c.allocate(ctx, node)
 }
 
 // accepted forgets a refusal and the wait for a pod CIDR.

@@ -714,3 +714,59 @@ func mustListen(t *testing.T) net.Listener {
 	}
 	return ln
 }
+
+// TestKubePodCIDRsDoNotWaitForNodeWrites: a Node's pod CIDRs reach the
+// netmaps without waiting for the Node writes (annotations, condition) of
+// the Nodes queued before it, which go at the controller's QPS: with
+// many Nodes at once (a new cluster, a thousand kubelets registering),
+// the last one's pods had waited for every earlier Node's writes. Here
+// the QPS is 2, so the writes of 12 Nodes take seconds, and every pod
+// CIDR must be in the netmaps while most Nodes still lack their
+// annotations.
+func TestKubePodCIDRsDoNotWaitForNodeWrites(t *testing.T) {
+	env := kubetest.Start(t, kubetest.Options{})
+	admin := env.Admin(t)
+	ts := startKubeServer(t, env, "", func(c *Config) { c.Kube.QPS = 2 })
+	ctx := context.Background()
+	const n = 12
+	var first *follower
+	for i := range n {
+		name := fmt.Sprintf("n%02d", i)
+		j := mustJoin(t, ts, joinReq(name, byte(i+1), pwA))
+		if i == 0 {
+			first = ts.follow(t, j)
+		}
+	}
+	first.now(t)
+	for i := range n {
+		cidr := fmt.Sprintf("10.42.%d.0/24", i)
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("n%02d", i)}, Spec: corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}}}
+		if _, err := admin.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	// (A node is a peer once it has a pod CIDR.)
+	nm := first.wait(t, "every Node's pod CIDR in n00's netmap", func(nm api.NetMap) bool {
+		return len(nm.Self.PodCIDRs) == 1 && len(nm.Peers) == n-1
+	})
+	took := time.Since(start)
+	annotated := func() int {
+		list, err := admin.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		k := 0
+		for _, node := range list.Items {
+			if node.Annotations[kube.AnnotationPublicKey] != "" {
+				k++
+			}
+		}
+		return k
+	}
+	if k := annotated(); k > n/2 {
+		t.Errorf("when the last pod CIDR reached the netmaps (%v, peers %s), %d of %d Nodes had their annotations already: the pod CIDRs waited for the Node writes", took.Round(time.Millisecond), peerNames(nm), k, n)
+	}
+	t.Logf("measured: %d Nodes, controller QPS 2: every pod CIDR in the netmaps %v after the Nodes were created", n, took.Round(time.Millisecond))
+	eventually(t, "every Node annotated (at 2 requests a second)", func() bool { return annotated() == n })
+}
