@@ -1,18 +1,21 @@
 #!/bin/sh
 # Runs every Trellis benchmark on this machine and writes the results to
 # $OUT (default docs/bench): machine.md, dataplane.md, join.md,
-# convergence.log, loadgen.{json,md,png}. Needs root (network namespaces)
+# convergence.log, loadgen.{json,md,png}, kube/loadgen.{json,md,png}.
+# Needs root (network namespaces)
 # for the data plane and convergence parts; iperf3, wg and ethtool.
 #
 #   make bench                          # everything (about 30-60 minutes)
 #   BENCH_AGENTS=100,1000 make bench    # smaller control-plane runs
 #   BENCH_WHOLE= make bench             # skip the whole-netmap comparison runs
-#   BENCH_ONLY=loadgen make bench       # one part: machine, dataplane, join, convergence, loadgen
+#   BENCH_KUBE=100 make bench           # agents of the Kubernetes-mode run (default 1000)
+#   BENCH_ONLY=loadgen make bench       # one part: machine, dataplane, join, convergence, loadgen, kube
 set -eu
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/bench}
 AGENTS=${BENCH_AGENTS:-100,1000,5000}
 WHOLE=${BENCH_WHOLE-100,1000} # also run with whole netmaps (as before deltas), to compare; empty: none
+KUBE=${BENCH_KUBE:-1000}
 ONLY=${BENCH_ONLY:-}
 mkdir -p "$OUT" bin
 OUT=$(cd "$OUT" && pwd)
@@ -60,5 +63,18 @@ fi
 if want loadgen; then
 	step "control plane: $AGENTS virtual agents against one server (deltas), $WHOLE again with whole netmaps -> $OUT/loadgen.{json,md,png}"
 	bin/trellis-loadgen -trellis bin/trellis -agents "$AGENTS" -whole "$WHOLE" -phase-timeout 10m -out "$OUT"
+fi
+if want kube; then
+	step "control plane in Kubernetes mode: $KUBE agents without Kubernetes, then $KUBE with their Nodes in a real kube-apiserver (created through the API, then 3 deleted) -> $OUT/kube/loadgen.{json,md,png}"
+	# The Kubernetes binaries as the tests use them (built and cached by
+	# version on first use: about 20 minutes).
+	TRELLIS_KUBE_DIR=${TRELLIS_KUBE_DIR:-$(scripts/build-kube.sh)}
+	export TRELLIS_KUBE_DIR TRELLIS_REQUIRE_KUBE=1
+	if TRELLIS_LOADGEN_KUBE_AGENTS="$KUBE" TRELLIS_LOADGEN_OUT="$OUT/kube" \
+		go test -count=1 -timeout 60m -run '^TestKubeMode$' -v ./cmd/trellis-loadgen; then
+		cat "$OUT/kube/loadgen.md"
+	else
+		echo "(the Kubernetes-mode run failed; see above)"
+	fi
 fi
 step "done: results in $OUT"

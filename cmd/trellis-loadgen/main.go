@@ -22,6 +22,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -51,19 +53,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	out := fs.String("out", "", "directory for loadgen.json, loadgen.md and loadgen.png (empty: print the table only)")
 	timeout := fs.Duration("phase-timeout", 15*time.Minute, "bound on each phase (joins, first netmaps, one fan-out, settling)")
 	wholeFlag := fs.String("whole", "", "comma-separated numbers of agents to run again with whole netmaps on every change (as before deltas), to compare")
+	kubeFlag := fs.String("kube-agents", "", "comma-separated numbers of agents to run again in Kubernetes mode (needs -kubeconfig)")
+	kubeconfig := fs.String("kubeconfig", "", "for -kube-agents: the server follows the Nodes of this kubeconfig's API server, and every agent's Node is created there first (its user must create, delete and list Nodes); Node deletions are measured too")
+	nodeDeletes := fs.Int("node-deletes", 3, "Node deletions measured in Kubernetes mode")
 	replot := fs.String("replot", "", "measure nothing: read the results from this loadgen.json and write the table and plot to -out")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	type runSpec struct {
-		n     int
-		whole bool
+		n           int
+		whole, kube bool
+	}
+	if (*kubeFlag != "") != (*kubeconfig != "") {
+		return errors.New("-kube-agents and -kubeconfig go together: the numbers of agents to run in Kubernetes mode, and the API server to run them against")
 	}
 	var runs []runSpec
 	for _, fl := range []struct {
 		name, value string
-		whole       bool
-	}{{"-agents", *agentsFlag, false}, {"-whole", *wholeFlag, true}} {
+		whole, kube bool
+	}{{"-agents", *agentsFlag, false, false}, {"-whole", *wholeFlag, true, false}, {"-kube-agents", *kubeFlag, false, true}} {
 		if fl.value == "" {
 			continue
 		}
@@ -72,7 +80,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if err != nil || n < 1 {
 				return fmt.Errorf("%s: %q is not a positive number", fl.name, f)
 			}
-			runs = append(runs, runSpec{n, fl.whole})
+			runs = append(runs, runSpec{n, fl.whole, fl.kube})
 		}
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
@@ -89,25 +97,50 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	} else if err := raiseFileLimit(log); err != nil {
 		return err
 	}
+	var nodes loadgen.Nodes
+	if *kubeconfig != "" {
+		var err error
+		if nodes, err = loadgen.KubeNodes(*kubeconfig); err != nil {
+			return err
+		}
+	}
+	var failed []string
 	for _, r := range runs {
-		log.Info("=== run", "agents", r.n, "wholeMaps", r.whole)
-		res, err := runOnce(ctx, log, *bin, r.n, *changes, *timeout, r.whole)
+		log.Info("=== run", "agents", r.n, "wholeMaps", r.whole, "kube", r.kube)
+		var kr kubeRun
+		if r.kube {
+			kr = kubeRun{*kubeconfig, nodes, *nodeDeletes}
+		}
+		res, err := runOnce(ctx, log, *bin, r.n, *changes, *timeout, r.whole, kr)
 		if res != nil {
 			results = append(results, res)
 		}
 		if err != nil {
-			log.Error("run failed; reporting what was measured", "agents", r.n, "wholeMaps", r.whole, "err", err)
+			log.Error("run failed; reporting what was measured", "agents", r.n, "wholeMaps", r.whole, "kube", r.kube, "err", err)
+			failed = append(failed, fmt.Sprintf("%d agents: %v", r.n, err))
 		}
 	}
-	table := markdown(results)
-	fmt.Fprint(stdout, table)
-	if *out == "" {
-		return nil
-	}
-	if err := os.MkdirAll(*out, 0o755); err != nil {
+	if err := report(results, stdout, *out); err != nil {
 		return err
 	}
-	jf, err := os.Create(filepath.Join(*out, "loadgen.json"))
+	if len(failed) > 0 {
+		return fmt.Errorf("%d of %d runs failed: %s", len(failed), len(runs), strings.Join(failed, "; "))
+	}
+	return nil
+}
+
+// report prints the tables of results and, if out is not "", writes
+// loadgen.json, loadgen.md and loadgen.png there.
+func report(results []*loadgen.Result, stdout io.Writer, out string) error {
+	table := markdown(results)
+	fmt.Fprint(stdout, table)
+	if out == "" {
+		return nil
+	}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return err
+	}
+	jf, err := os.Create(filepath.Join(out, "loadgen.json"))
 	if err != nil {
 		return err
 	}
@@ -118,10 +151,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err := jf.Close(); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(*out, "loadgen.md"), []byte(table), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(out, "loadgen.md"), []byte(table), 0o644); err != nil {
 		return err
 	}
-	return writePlot(filepath.Join(*out, "loadgen.png"), results)
+	return writePlot(filepath.Join(out, "loadgen.png"), results)
 }
 
 // raiseFileLimit lifts the soft limit on open files to the hard limit:
@@ -140,14 +173,27 @@ func raiseFileLimit(log *slog.Logger) error {
 	return nil
 }
 
-// runOnce starts a fresh server and runs n agents against it.
-func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration, whole bool) (*loadgen.Result, error) {
+// kubeRun is what a run in Kubernetes mode needs: the kubeconfig the
+// server follows, the Nodes the agents get and how many are deleted.
+type kubeRun struct {
+	kubeconfig string // "": not Kubernetes mode
+	nodes      loadgen.Nodes
+	deletes    int
+}
+
+// runOnce starts a fresh server and runs n agents against it. In
+// Kubernetes mode it deletes the Nodes it created afterwards, so that the
+// next run starts from none.
+func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration, whole bool, kr kubeRun) (*loadgen.Result, error) {
 	dir, err := os.MkdirTemp("", "trellis-loadgen-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	srv, err := startServer(ctx, log, bin, dir)
+	if kr.nodes != nil {
+		defer deleteNodes(log, kr.nodes, n)
+	}
+	srv, err := startServer(ctx, log, bin, dir, kr.kubeconfig)
 	if err != nil {
 		return nil, err
 	}
@@ -155,8 +201,31 @@ func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, 
 	return loadgen.Run(ctx, loadgen.Config{
 		ServerURL: srv.url, Token: srv.token, CAPEM: srv.ca,
 		Agents: n, Changes: changes, SourceAddrs: true, ServerPID: srv.cmd.Process.Pid,
-		PhaseTimeout: timeout, Logger: log, WholeMaps: whole,
+		PhaseTimeout: timeout, Logger: log, WholeMaps: whole, Nodes: kr.nodes, NodeDeletes: kr.deletes,
 	})
+}
+
+// deleteNodes deletes the Nodes of agents 0..n-1, 32 at a time, and logs
+// what it could not delete.
+func deleteNodes(log *slog.Logger, nodes loadgen.Nodes, n int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	log.Info("deleting the run's Nodes", "nodes", n)
+	sem := make(chan struct{}, 32)
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for i := range n {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := nodes.Delete(ctx, loadgen.AgentName(i)); err != nil {
+				if failed.Add(1) == 1 {
+					log.Warn("could not delete a Node; delete the run's Nodes with kubectl delete node -l "+loadgen.LoadgenLabel, "err", err)
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
 
 type serverProc struct {
@@ -171,7 +240,7 @@ type serverProc struct {
 // startServer starts `trellis server` without its own node on a free
 // loopback port, with the cluster CIDR 10.0.0.0/8 (room for 65536 nodes),
 // and waits until it answers.
-func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serverProc, error) {
+func startServer(ctx context.Context, log *slog.Logger, bin, dir, kubeconfig string) (*serverProc, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -187,10 +256,14 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir string) (*serve
 	if err != nil {
 		return nil, err
 	}
-	s.cmd = exec.Command(bin, "server", "--disable-agent", "--config", conf,
+	args := []string{"server", "--disable-agent", "--config", conf,
 		"--data-dir", filepath.Join(dir, "data"), "--node-name", "loadgen-server",
 		"--bind-address", "127.0.0.1", "--https-listen-port", strconv.Itoa(port),
-		"--cluster-cidr", "10.0.0.0/8", "--token", "loadgen-secret", "--log-level", "warn")
+		"--cluster-cidr", "10.0.0.0/8", "--token", "loadgen-secret", "--log-level", "warn"}
+	if kubeconfig != "" {
+		args = append(args, "--kubeconfig", kubeconfig)
+	}
+	s.cmd = exec.Command(bin, args...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {

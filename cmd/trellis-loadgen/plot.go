@@ -17,13 +17,14 @@ import (
 // 5×7 pixel font, so that it can be regenerated anywhere Go runs.
 
 var (
-	white = color.RGBA{255, 255, 255, 255}
-	black = color.RGBA{0, 0, 0, 255}
-	grey  = color.RGBA{220, 220, 220, 255}
-	blue  = color.RGBA{31, 119, 180, 255}
-	red   = color.RGBA{214, 39, 40, 255}
-	green = color.RGBA{44, 160, 44, 255}
-	grey2 = color.RGBA{127, 127, 127, 255}
+	white  = color.RGBA{255, 255, 255, 255}
+	black  = color.RGBA{0, 0, 0, 255}
+	grey   = color.RGBA{220, 220, 220, 255}
+	blue   = color.RGBA{31, 119, 180, 255}
+	red    = color.RGBA{214, 39, 40, 255}
+	green  = color.RGBA{44, 160, 44, 255}
+	grey2  = color.RGBA{127, 127, 127, 255}
+	purple = color.RGBA{148, 103, 189, 255}
 )
 
 type series struct {
@@ -38,7 +39,7 @@ type series struct {
 func writePlot(path string, rs []*loadgen.Result) error {
 	img := image.NewRGBA(image.Rect(0, 0, 1200, 520))
 	fill(img, img.Bounds(), white)
-	var ns, p50, p99, all, rss, peak, wns, wp99, wpeak []float64
+	var ns, p50, p99, all, rss, peak, wns, wp99, wpeak, kns, kp99, kpeak []float64
 	for _, r := range rs {
 		if len(r.Changes) == 0 {
 			continue
@@ -47,6 +48,12 @@ func writePlot(path string, rs []*loadgen.Result) error {
 			wns = append(wns, float64(r.Agents))
 			wp99 = append(wp99, secs(r.FanoutP99))
 			wpeak = append(wpeak, float64(max(r.ServerRSSPeak, r.ServerRSSMax))/(1<<20))
+			continue
+		}
+		if r.Kube {
+			kns = append(kns, float64(r.Agents))
+			kp99 = append(kp99, secs(r.FanoutP99))
+			kpeak = append(kpeak, float64(max(r.ServerRSSPeak, r.ServerRSSMax))/(1<<20))
 			continue
 		}
 		ns = append(ns, float64(r.Agents))
@@ -61,6 +68,10 @@ func writePlot(path string, rs []*loadgen.Result) error {
 	if len(wns) > 0 {
 		fan = append(fan, series{"P99 WHOLE MAPS", grey2, wns, wp99})
 		mem = append(mem, series{"PEAK WHOLE MAPS", grey2, wns, wpeak})
+	}
+	if len(kns) > 0 {
+		fan = append(fan, series{"P99 KUBERNETES", purple, kns, kp99})
+		mem = append(mem, series{"PEAK KUBERNETES", purple, kns, kpeak})
 	}
 	panel(img, image.Rect(0, 0, 600, 520), "NETMAP FAN-OUT (SECONDS) VS N AGENTS", fan)
 	panel(img, image.Rect(600, 0, 1200, 520), "SERVER RSS (MIB) VS N AGENTS", mem)

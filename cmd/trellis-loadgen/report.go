@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -38,7 +39,7 @@ func markdown(rs []*loadgen.Result) string {
 	byN := map[int][2]*loadgen.Result{}
 	var ns []int
 	for _, r := range rs {
-		if len(r.Changes) == 0 {
+		if len(r.Changes) == 0 || r.Kube {
 			continue
 		}
 		pair, seen := byN[r.Agents]
@@ -75,6 +76,7 @@ func markdown(rs []*loadgen.Result) string {
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s |\n", n, cell(whole, bytesOf), cell(deltas, bytesOf), size(entry), ratio, cell(whole, cpuOf), cell(deltas, cpuOf))
 	}
 	b.WriteString(reconnects(rs))
+	b.WriteString(kubernetes(rs))
 	return b.String()
 }
 
@@ -84,7 +86,7 @@ func markdown(rs []*loadgen.Result) string {
 func reconnects(rs []*loadgen.Result) string {
 	var b strings.Builder
 	b.WriteString("\nReconnect storm: every agent opens its netmap stream again (64 at a time), as after a server restart; first for the whole netmap, then resuming from the netmap it holds (nothing changed):\n\n")
-	b.WriteString("| N agents | whole: to all | bytes | server CPU | resumed: to all | bytes | server CPU | agents resumed | bytes whole / resumed |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| N agents | streams | whole: to all | bytes | server CPU | resumed: to all | bytes | server CPU | agents resumed | bytes whole / resumed |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rs {
 		w, s := r.ReconnectWhole, r.ReconnectResumed
 		if w == nil || s == nil {
@@ -94,17 +96,67 @@ func reconnects(rs []*loadgen.Result) string {
 		if s.Bytes > 0 {
 			ratio = fmt.Sprintf("%.0f×", float64(w.Bytes)/float64(s.Bytes))
 		}
-		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %d of %d | %s |\n", r.Agents, dur(w.All), size(w.Bytes), dur(w.ServerCPU),
-			dur(s.All), size(s.Bytes), dur(s.ServerCPU), s.Resumed, r.Agents, ratio)
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %s | %d of %d | %s |\n", r.Agents, mode(r), dur(w.All), size(w.Bytes), dur(w.ServerCPU),
+			dur(s.All), size(s.Bytes), dur(s.ServerCPU), s.Resumed, r.Agents-len(r.NodeDeletes), ratio)
 	}
 	return b.String()
 }
 
 func mode(r *loadgen.Result) string {
-	if r.WholeMaps {
+	switch {
+	case r.WholeMaps:
 		return "whole netmaps"
+	case r.Kube:
+		return "deltas, Kubernetes"
 	}
 	return "deltas"
+}
+
+// kubernetes renders the runs in Kubernetes mode: the Nodes, their pod
+// CIDRs in the netmaps, the annotations, Node deletions, and the figures
+// against a run of as many agents without Kubernetes, if there was one.
+func kubernetes(rs []*loadgen.Result) string {
+	var b strings.Builder
+	plain := map[int]*loadgen.Result{}
+	for _, r := range rs {
+		if !r.Kube && !r.WholeMaps && len(r.Changes) > 0 {
+			plain[r.Agents] = r
+		}
+	}
+	for _, r := range rs {
+		if !r.Kube {
+			continue
+		}
+		if b.Len() == 0 {
+			b.WriteString("\nKubernetes mode: a Node per agent created through the API (pod CIDR set, as node IPAM leaves it), the server following them; then Node deletions (`kubectl delete node`), each until every other agent's netmap dropped the node:\n\n")
+			b.WriteString("| N agents | create N Nodes | pod CIDRs in every netmap | annotations on every Node (after the joins) | Node deletion p50 / p99 | deletion to all (max) | fan-out p99 / without Kubernetes | server RSS max / without Kubernetes |\n")
+			b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		}
+		var p50s []time.Duration
+		var all time.Duration
+		for _, c := range r.NodeDeletes {
+			p50s = append(p50s, c.P50)
+			all = max(all, c.All)
+		}
+		p99Ratio, rssRatio := "no run without Kubernetes", "—"
+		if p := plain[r.Agents]; p != nil && p.FanoutP99 > 0 && p.ServerRSSMax > 0 {
+			p99Ratio = fmt.Sprintf("%s / %s = %.2f×", dur(r.FanoutP99), dur(p.FanoutP99), float64(r.FanoutP99)/float64(p.FanoutP99))
+			rssRatio = fmt.Sprintf("%s / %s = %.2f×", size(r.ServerRSSMax), size(p.ServerRSSMax), float64(r.ServerRSSMax)/float64(p.ServerRSSMax))
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s / %s | %s | %s | %s |\n", r.Agents, dur(r.NodesTime), dur(r.PodCIDRsTime), dur(r.AnnotatedTime),
+			dur(median(p50s)), dur(r.NodeDeleteP99), dur(all), p99Ratio, rssRatio)
+	}
+	return b.String()
+}
+
+// median returns the middle of ds (the upper one of an even count).
+func median(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 func dur(d time.Duration) string {

@@ -38,6 +38,10 @@ type vagent struct {
 	node *client.Client // with the node certificate; nil before the join
 }
 
+// AgentName is the node name of virtual agent idx (and of its Node in
+// Kubernetes mode).
+func AgentName(idx int) string { return fmt.Sprintf("vagent-%05d", idx) }
+
 // newVAgent creates the identity of agent idx: a random WireGuard public
 // key (nothing uses the private half), a node password and an ECDSA key
 // with its certificate request. With src valid, every connection of the
@@ -45,7 +49,7 @@ type vagent struct {
 // server's per-source join rate limit out of the measurement, as real
 // agents each have their own).
 func newVAgent(idx int, base string, caPEM []byte, src netip.Addr) (*vagent, error) {
-	a := &vagent{idx: idx, name: fmt.Sprintf("vagent-%05d", idx)}
+	a := &vagent{idx: idx, name: AgentName(idx)}
 	if _, err := rand.Read(a.pubKey[:]); err != nil {
 		return nil, err
 	}
@@ -148,7 +152,7 @@ func (a *vagent) openStream(ctx context.Context, deltas bool, have string) (io.R
 type probe struct {
 	marker    []byte
 	start     time.Time
-	arrivals  []atomic.Int64 // ns after start; 0 while not arrived
+	arrivals  []atomic.Int64 // ns after start; 0 while not arrived, -1 skipped
 	remaining atomic.Int64
 	done      chan struct{}
 }
@@ -157,6 +161,24 @@ func newProbe(marker string, n int) *probe {
 	p := &probe{marker: []byte(marker), arrivals: make([]atomic.Int64, n), done: make(chan struct{})}
 	p.remaining.Store(int64(n))
 	return p
+}
+
+// skip leaves agent idx out: the probe is done without it.
+func (p *probe) skip(idx int) {
+	if p.arrivals[idx].CompareAndSwap(0, -1) && p.remaining.Add(-1) == 0 {
+		close(p.done)
+	}
+}
+
+// latencies returns the arrivals so far.
+func (p *probe) latencies() []time.Duration {
+	var lat []time.Duration
+	for i := range p.arrivals {
+		if d := p.arrivals[i].Load(); d > 0 {
+			lat = append(lat, time.Duration(d))
+		}
+	}
+	return lat
 }
 
 func (p *probe) arrived(idx int) {

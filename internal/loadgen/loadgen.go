@@ -56,6 +56,17 @@ type Config struct {
 	// WholeMaps makes the agents ask for whole netmaps on every change,
 	// as agents did before deltas (api.NetmapDeltasParam), to compare.
 	WholeMaps bool
+	// Nodes, if not nil, makes the run one in Kubernetes mode: the
+	// server follows the Nodes of an API server (it runs with
+	// --kubeconfig), and before the joins a Node is created for every
+	// agent through Nodes, with the pod CIDR node IPAM would give it (a
+	// /24 of 10.0.0.0/8, which must be the server's cluster CIDR). After
+	// the changes, NodeDeletes Nodes are deleted one after another and
+	// the fan-out of each deletion measured.
+	Nodes Nodes
+	// NodeDeletes is the number of Node deletions measured in
+	// Kubernetes mode. Default 3.
+	NodeDeletes int
 	// Logger receives progress. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -76,6 +87,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Changes < 1 || c.Changes > 250 {
 		return fmt.Errorf("loadgen config: %d changes is out of range 1-250", c.Changes)
+	}
+	if c.Nodes != nil && c.NodeDeletes == 0 {
+		c.NodeDeletes = 3
+	}
+	if c.NodeDeletes < 0 || c.NodeDeletes >= c.Agents {
+		return fmt.Errorf("loadgen config: %d Node deletions with %d agents: want 0 to %d", c.NodeDeletes, c.Agents, c.Agents-1)
 	}
 	if c.JoinConcurrency <= 0 {
 		c.JoinConcurrency = 32
@@ -160,6 +177,23 @@ type Result struct {
 	// ServerBusyIdle is the share of a CPU the server used in the last
 	// second of settling (with every stream open and nothing changing).
 	ServerBusyIdle float64 `json:"serverBusyIdle"`
+	// Kubernetes mode (Config.Nodes): Kube is set; NodesTime is the
+	// creation of every agent's Node; PodCIDRsTime is from opening the
+	// first stream until every agent's netmap had the pod CIDR of the
+	// last Node (taken from the Nodes); AnnotatedTime is from the end of
+	// the joins until every Node carried Trellis's public-key annotation;
+	// NodeDeletes are the fan-outs of Node deletions (until every other
+	// agent's netmap dropped the deleted one) and NodeDeleteP99 the p99
+	// over all their deliveries.
+	Kube          bool          `json:"kube,omitempty"`
+	NodesTime     time.Duration `json:"nodesTime,omitempty"`
+	PodCIDRsTime  time.Duration `json:"podCIDRsTime,omitempty"`
+	AnnotatedTime time.Duration `json:"annotatedTime,omitempty"`
+	NodeDeletes   []Change      `json:"nodeDeletes,omitempty"`
+	NodeDeleteP99 time.Duration `json:"nodeDeleteP99,omitempty"`
+	// PodCIDRPeers is how many peers of one agent's netmap (read at the
+	// end) carry a pod CIDR; in Kubernetes mode, from their Nodes.
+	PodCIDRPeers int `json:"podCIDRPeers"`
 	// ReconnectWhole and ReconnectResumed: every agent opens its stream
 	// again at once, as after a server restart, asking for the whole
 	// netmap, then resuming from it (api.NetmapHaveParam). Deltas only.
@@ -187,7 +221,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	log := cfg.Logger
 	n := cfg.Agents
-	res := &Result{Agents: n, WholeMaps: cfg.WholeMaps}
+	res := &Result{Agents: n, WholeMaps: cfg.WholeMaps, Kube: cfg.Nodes != nil}
 	runPeak := newPeakSampler(cfg.ServerPID)
 	defer func() { res.ServerRSSMax = max(res.ServerRSSMax, runPeak.stop()) }()
 
@@ -210,6 +244,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			}
 		}
 	}()
+
+	if cfg.Nodes != nil {
+		if err := createNodes(ctx, cfg, agents, res); err != nil {
+			return res, err
+		}
+	}
 
 	// Joins.
 	log.Info("joining", "agents", n, "concurrency", cfg.JoinConcurrency)
@@ -250,6 +290,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.JoinP50, res.JoinP99 = percentile(joinLat, 50), percentile(joinLat, 99)
 	res.ServerCPUJoin = sample(cfg.ServerPID).CPU - cpu0.CPU
 	log.Info("joined", "agents", n, "took", res.JoinTime.Round(time.Millisecond), "perSec", int(res.JoinsPerSec))
+	joinedAt := time.Now()
 
 	// Streams.
 	sctx, stopStreams := context.WithCancel(ctx)
@@ -259,8 +300,19 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		readers.Wait()
 	}()
 	f := newFollower(n)
+	var podCIDRs *probe
+	if cfg.Nodes != nil {
+		// In Kubernetes mode a node has no pod CIDR, and so no peers,
+		// until the server adopts its Node's: follow the last Node's
+		// pod CIDR into every netmap, first lines included.
+		podCIDRs = newProbe(`"`+podCIDROf(n-1).String()+`"`, n)
+		f.target.Store(podCIDRs)
+	}
 	cpu0 = sample(cfg.ServerPID)
 	start = time.Now()
+	if podCIDRs != nil {
+		podCIDRs.start = start
+	}
 	log.Info("opening netmap streams", "agents", n)
 	octx, ocancel := context.WithTimeout(ctx, cfg.PhaseTimeout)
 	err = parallel(octx, n, cfg.StreamConcurrency, func(i int) error {
@@ -284,6 +336,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return res, fmt.Errorf("netmap streams: %w", err)
 	}
 	log.Info("every agent has its first netmap", "took", res.StreamsTime.Round(time.Millisecond))
+	if cfg.Nodes != nil {
+		if err := waitKubeSync(ctx, cfg, podCIDRs, joinedAt, res); err != nil {
+			return res, err
+		}
+		f.target.Store(nil)
+	}
 	settle := time.Now()
 	base, err := waitIdle(ctx, cfg.ServerPID, 0, settleTimeout)
 	if err != nil {
@@ -302,32 +360,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		ext := netip.AddrFrom4([4]byte{198, 19, byte(k), 123})
 		// The quote makes the marker match this address only (not
 		// 198.19.1.123 inside 198.19.11.123); nothing can follow ".123".
-		p := newProbe(`"`+ext.String(), n)
-		f.target.Store(p)
-		bytes0 := f.bytes.Load()
-		s0 := sample(cfg.ServerPID)
-		peak := newPeakSampler(cfg.ServerPID)
-		p.start = time.Now()
-		if err := who.report(ctx, ext); err != nil {
-			peak.stop()
+		c, lat, err := fanout(ctx, cfg, f, `"`+ext.String(), nil, func() error { return who.report(ctx, ext) })
+		if err != nil {
 			return res, err
 		}
-		timer := time.NewTimer(cfg.PhaseTimeout)
-		select {
-		case <-p.done:
-		case <-timer.C:
-		case <-ctx.Done():
-		}
-		timer.Stop()
-		c := Change{StreamBytes: f.bytes.Load() - bytes0, ServerCPU: sample(cfg.ServerPID).CPU - s0.CPU, ServerPeakRSS: peak.stop()}
-		var lat []time.Duration
-		for i := range p.arrivals {
-			if d := p.arrivals[i].Load(); d > 0 {
-				lat = append(lat, time.Duration(d))
-			}
-		}
-		c.Delivered = len(lat)
-		c.All, c.P50, c.P99 = slices.Max(append(lat, 0)), percentile(lat, 50), percentile(lat, 99)
 		res.Changes = append(res.Changes, c)
 		all = append(all, lat...)
 		log.Info("change fanned out", "change", k+1, "of", cfg.Changes, "delivered", c.Delivered, "all", c.All.Round(time.Millisecond),
@@ -341,6 +377,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	f.target.Store(nil)
 	res.FanoutP50, res.FanoutP99 = percentile(all, 50), percentile(all, 99)
+	live := agents
+	if cfg.Nodes != nil {
+		gone, err := deleteNodes(ctx, cfg, agents, f, base, res)
+		if err != nil {
+			return res, err
+		}
+		// A node without its Node has no peers; the reconnect storms
+		// are of the others.
+		live = slices.DeleteFunc(slices.Clone(agents), func(a *vagent) bool { return slices.Contains(gone, a.idx) })
+	}
 	var sumBytes int64
 	var sumCPU time.Duration
 	for _, c := range res.Changes {
@@ -364,13 +410,46 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return res, nil
 	}
 	var haves []string
-	if res.ReconnectWhole, haves, err = reconnectAll(ctx, cfg, agents, nil); err != nil {
+	if res.ReconnectWhole, haves, err = reconnectAll(ctx, cfg, live, nil); err != nil {
 		return res, fmt.Errorf("reconnect for whole netmaps: %w", err)
 	}
-	if res.ReconnectResumed, _, err = reconnectAll(ctx, cfg, agents, haves); err != nil {
+	if res.ReconnectResumed, _, err = reconnectAll(ctx, cfg, live, haves); err != nil {
 		return res, fmt.Errorf("reconnect resuming: %w", err)
 	}
 	return res, nil
+}
+
+// fanout makes one change with do and follows marker into the netmap
+// streams of every agent but those in skip until each had it, at most
+// the phase timeout. It returns the change's figures and the delivery
+// times.
+func fanout(ctx context.Context, cfg Config, f *follower, marker string, skip []int, do func() error) (Change, []time.Duration, error) {
+	p := newProbe(marker, cfg.Agents)
+	for _, i := range skip {
+		p.skip(i)
+	}
+	f.target.Store(p)
+	defer f.target.Store(nil)
+	bytes0 := f.bytes.Load()
+	s0 := sample(cfg.ServerPID)
+	peak := newPeakSampler(cfg.ServerPID)
+	p.start = time.Now()
+	if err := do(); err != nil {
+		peak.stop()
+		return Change{}, nil, err
+	}
+	timer := time.NewTimer(cfg.PhaseTimeout)
+	select {
+	case <-p.done:
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	timer.Stop()
+	c := Change{StreamBytes: f.bytes.Load() - bytes0, ServerCPU: sample(cfg.ServerPID).CPU - s0.CPU, ServerPeakRSS: peak.stop()}
+	lat := p.latencies()
+	c.Delivered = len(lat)
+	c.All, c.P50, c.P99 = slices.Max(append(lat, 0)), percentile(lat, 50), percentile(lat, 99)
+	return c, lat, nil
 }
 
 // reconnectAll opens every agent's stream again (StreamConcurrency at a
@@ -510,6 +589,11 @@ func measureAgentMemory(ctx context.Context, a *vagent, res *Result) error {
 	runtime.ReadMemStats(&after)
 	nm := &nms[0]
 	res.Peers = len(nm.Peers)
+	for _, p := range nm.Peers {
+		if slices.ContainsFunc(p.AllowedIPs, func(a netip.Prefix) bool { return a.Bits() < a.Addr().BitLen() }) {
+			res.PodCIDRPeers++
+		}
+	}
 	if res.Peers > 0 {
 		res.AgentBytesPerPeer = float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / float64(res.Peers*copies)
 		pb, _ := json.Marshal(nm.Peers[len(nm.Peers)/2])
