@@ -101,7 +101,9 @@ func (r *registry) adoptPodCIDRs(ctx context.Context, name, uid string, cidrs []
 			made = append(made, p)
 		}
 	}
+	var before []netip.Prefix // the pod CIDRs the record held
 	_, err = r.update(ctx, name, func(rec *record) bool {
+		before = rec.PodCIDRs
 		if slices.Equal(rec.PodCIDRs, cidrs) && rec.NodeUID == uid {
 			return false
 		}
@@ -120,7 +122,16 @@ func (r *registry) adoptPodCIDRs(ctx context.Context, name, uid string, cidrs []
 		}
 		return err
 	}
-	r.releaseClaims(ctx, name, cidrs)
+	// Release what the record held and holds no more, by key: a sweep of
+	// every claim (releaseClaims) per adoption made a thousand Nodes
+	// registering at once cost a thousand lists of a thousand claims.
+	// A claim of the node's that its record never held (an interrupted
+	// allocation) is taken over by whoever needs the prefix (claimExact).
+	for _, p := range before {
+		if !slices.Contains(cidrs, p) {
+			r.releaseClaim(ctx, name, p)
+		}
+	}
 	return nil
 }
 
