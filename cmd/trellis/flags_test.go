@@ -5,8 +5,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/trellis-mesh/trellis/internal/kube"
 )
 
 func testFlags() (*flag.FlagSet, *string, *listFlag, *bool) {
@@ -115,6 +118,9 @@ func TestBadFlagValues(t *testing.T) {
 		{"agent", "--server=ftp://x", "--token=t", "--node-name=n"},
 		{"agent", "--server=https://x:6443", "--token=t", "--node-name=Bad_Name"},
 		{"agent", "--server=https://x:6443", "--token=t", "--node-name=n", "--flannel-backend=vxlan"},
+		{"server", "--kube-api-qps=0", "--node-name=n"},
+		{"server", "--kube-api-qps=-5", "--node-name=n"},
+		{"server", "--kube-api-qps=fast", "--node-name=n"},
 		{"bogus"},
 	} {
 		if args[0] != "bogus" && !strings.HasPrefix(args[len(args)-1], "--config=") {
@@ -171,6 +177,7 @@ func TestKubeconfigFlag(t *testing.T) {
 		{"config file", nil, nil, []configFile{file}, false, "/etc/rancher/k3s/k3s.yaml"},
 		{"in a pod", nil, nil, nil, true, "in-cluster"},
 		{"in a pod with a kubeconfig", []string{"--kubeconfig=/k"}, nil, nil, true, "/k"},
+		{"with a QPS", []string{"--kubeconfig=/k", "--kube-api-qps=200"}, nil, nil, false, "/k"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fs, _, sf := newServerFlags()
@@ -191,6 +198,13 @@ func TestKubeconfigFlag(t *testing.T) {
 			}
 			if got != tc.want {
 				t.Fatalf("Kubernetes mode %q, want %q", got, tc.want)
+			}
+			wantQPS := float32(kube.DefaultQPS)
+			if slices.Contains(tc.args, "--kube-api-qps=200") {
+				wantQPS = 200
+			}
+			if kc != nil && kc.QPS != wantQPS {
+				t.Fatalf("QPS %v, want %v", kc.QPS, wantQPS)
 			}
 		})
 	}

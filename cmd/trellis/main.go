@@ -272,6 +272,7 @@ type serverFlags struct {
 	datastore       string
 	agentToken      string
 	kubeconfig      string
+	kubeQPS         float64
 	ha              haFlags // ha.go
 }
 
@@ -288,6 +289,7 @@ func newServerFlags() (*flag.FlagSet, *nodeFlags, *serverFlags) {
 	fs.BoolVar(&sf.flannelExternal, "flannel-external-ip", false, "reach every node at its external IP")
 	fs.StringVar(&sf.datastore, "datastore-endpoint", "", "datastore (default: SQLite in the data dir)")
 	fs.StringVar(&sf.agentToken, "agent-token", "", "a second join token that joins agents only")
+	fs.Float64Var(&sf.kubeQPS, "kube-api-qps", kube.DefaultQPS, "Kubernetes mode: requests per second to the API server at most (bursts of twice as many), almost all of them Node writes: two per new Node")
 	fs.StringVar(&sf.kubeconfig, "kubeconfig", "", "follow the Nodes of this Kubernetes cluster: pod CIDRs from spec.podCIDRs, status on the Nodes (default: the in-cluster config when running in a pod; docs/kubernetes.md)")
 	sf.ha.register(fs)
 	return fs, &n, &sf
@@ -313,6 +315,9 @@ func runServer(ctx context.Context, args []string, stderr io.Writer, getenv func
 	cidrs, err := parsePrefixes("cluster-cidr", sf.clusterCIDRs)
 	if err != nil {
 		return err
+	}
+	if !(sf.kubeQPS > 0 && sf.kubeQPS <= 10000) {
+		return fmt.Errorf("--kube-api-qps=%v: want a number of requests per second above 0, at most 10000 (default %d)", sf.kubeQPS, kube.DefaultQPS)
 	}
 	tok, err := n.readToken()
 	if err != nil {
@@ -373,7 +378,7 @@ func (sf *serverFlags) kubeConfig(inCluster bool) *kube.Config {
 	if sf.kubeconfig == "" && !inCluster {
 		return nil
 	}
-	return &kube.Config{Kubeconfig: sf.kubeconfig}
+	return &kube.Config{Kubeconfig: sf.kubeconfig, QPS: float32(sf.kubeQPS)}
 }
 
 func parseAddr(flagName, v string) (a netip.Addr, err error) {
