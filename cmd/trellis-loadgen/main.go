@@ -56,6 +56,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	kubeFlag := fs.String("kube-agents", "", "comma-separated numbers of agents to run again in Kubernetes mode (needs -kubeconfig)")
 	kubeconfig := fs.String("kubeconfig", "", "for -kube-agents: the server follows the Nodes of this kubeconfig's API server, and every agent's Node is created there first (its user must create, delete and list Nodes); Node deletions are measured too")
 	nodeDeletes := fs.Int("node-deletes", 3, "Node deletions measured in Kubernetes mode")
+	serverFlags := fs.String("server-flags", "", "more flags for each server, space-separated (e.g. \"--metrics-address=127.0.0.1:9099 --enable-pprof\" to profile it)")
 	replot := fs.String("replot", "", "measure nothing: read the results from this loadgen.json and write the table and plot to -out")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -111,7 +112,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		if r.kube {
 			kr = kubeRun{*kubeconfig, nodes, *nodeDeletes}
 		}
-		res, err := runOnce(ctx, log, *bin, r.n, *changes, *timeout, r.whole, kr)
+		res, err := runOnce(ctx, log, *bin, strings.Fields(*serverFlags), r.n, *changes, *timeout, r.whole, kr)
 		if res != nil {
 			results = append(results, res)
 		}
@@ -184,7 +185,7 @@ type kubeRun struct {
 // runOnce starts a fresh server and runs n agents against it. In
 // Kubernetes mode it deletes the Nodes it created afterwards, so that the
 // next run starts from none.
-func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, timeout time.Duration, whole bool, kr kubeRun) (*loadgen.Result, error) {
+func runOnce(ctx context.Context, log *slog.Logger, bin string, extra []string, n, changes int, timeout time.Duration, whole bool, kr kubeRun) (*loadgen.Result, error) {
 	dir, err := os.MkdirTemp("", "trellis-loadgen-")
 	if err != nil {
 		return nil, err
@@ -193,7 +194,7 @@ func runOnce(ctx context.Context, log *slog.Logger, bin string, n, changes int, 
 	if kr.nodes != nil {
 		defer deleteNodes(log, kr.nodes, n)
 	}
-	srv, err := startServer(ctx, log, bin, dir, kr.kubeconfig)
+	srv, err := startServer(ctx, log, bin, dir, kr.kubeconfig, extra)
 	if err != nil {
 		return nil, err
 	}
@@ -240,7 +241,7 @@ type serverProc struct {
 // startServer starts `trellis server` without its own node on a free
 // loopback port, with the cluster CIDR 10.0.0.0/8 (room for 65536 nodes),
 // and waits until it answers.
-func startServer(ctx context.Context, log *slog.Logger, bin, dir, kubeconfig string) (*serverProc, error) {
+func startServer(ctx context.Context, log *slog.Logger, bin, dir, kubeconfig string, extra []string) (*serverProc, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -263,6 +264,7 @@ func startServer(ctx context.Context, log *slog.Logger, bin, dir, kubeconfig str
 	if kubeconfig != "" {
 		args = append(args, "--kubeconfig", kubeconfig)
 	}
+	args = append(args, extra...)
 	s.cmd = exec.Command(bin, args...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

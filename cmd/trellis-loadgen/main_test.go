@@ -27,7 +27,8 @@ import (
 // run's Nodes are gone afterwards) and logs the figures.
 //
 // TRELLIS_LOADGEN_KUBE_AGENTS sets N (default 40; `make bench` runs 1000)
-// and TRELLIS_LOADGEN_OUT keeps loadgen.{json,md,png} there.
+// and TRELLIS_LOADGEN_OUT keeps loadgen.{json,md,png} there;
+// TRELLIS_LOADGEN_SERVER_FLAGS adds flags to the servers (to profile them).
 func TestKubeMode(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a kube-apiserver and a trellis server")
@@ -54,7 +55,8 @@ func TestKubeMode(t *testing.T) {
 		progress = io.MultiWriter(&stderr, os.Stderr) // `make bench` shows it
 	}
 	args := []string{"-trellis", bin, "-agents", strconv.Itoa(n), "-kube-agents", strconv.Itoa(n), "-kubeconfig", env.AdminKubeconfig,
-		"-changes", "3", "-node-deletes", strconv.Itoa(deletes), "-phase-timeout", "5m", "-out", out}
+		"-changes", "3", "-node-deletes", strconv.Itoa(deletes), "-phase-timeout", "5m", "-out", out,
+		"-server-flags", os.Getenv("TRELLIS_LOADGEN_SERVER_FLAGS")}
 	if err := run(ctx, args, &stdout, progress); err != nil {
 		t.Fatalf("trellis-loadgen %s: %v\n%s", strings.Join(args, " "), err, tail(stderr.String(), 40))
 	}
