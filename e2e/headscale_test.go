@@ -1,0 +1,285 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// hsDualCIDRs is the seed page's dual-stack cluster CIDR.
+const hsDualCIDRs = clusterCIDR + "," + hsClusterCIDR6
+
+// TestHeadscaleDualStack: three nodes in three clouds join a real
+// headscale's tailnet with the seed's dual-stack policy, trellis doing
+// `tailscale up` itself from --vpn-auth, --vpn-auth-file and
+// TRELLIS_VPN_AUTH. headscale approves every node's IPv4 and IPv6 pod CIDR
+// by itself, the nodes see it, and IPv4 and IPv6 pods on the three nodes
+// reach each other; the pods keep talking while headscale is down and
+// after it restarts, and the nodes reconnect without logging in again.
+// The same cluster over the test control server (subtest testcontrol)
+// gives the timings to compare.
+func TestHeadscaleDualStack(t *testing.T) {
+	for _, v := range headscaleVersions() {
+		t.Run(v, func(t *testing.T) {
+			lab := NewLab(t)
+			hs := lab.NewHeadscale(v, tsCtlCIDR, seedPolicy(fmt.Sprintf("%q", hsUserEmail), "", ""))
+			dualStackOverTailnet(t, lab, hs.Tailnet, hs)
+		})
+	}
+	t.Run("testcontrol", func(t *testing.T) {
+		lab := NewLab(t)
+		tn := lab.NewTailnet(tsCtlCIDR, hsDualCIDRs)
+		dualStackOverTailnet(t, lab, tn, nil)
+	})
+}
+
+// dualStackOverTailnet runs the dual-stack cluster over tn; with hs (tn is
+// then hs's) it also checks headscale's approvals and restarts it.
+func dualStackOverTailnet(t *testing.T, lab *Lab, tn *Tailnet, hs *Headscale) {
+	ctl := "testcontrol"
+	if hs != nil {
+		ctl = "headscale " + hs.Version
+	}
+	inet := lab.Internet()
+	inet.Counter("cluster", "ip saddr "+clusterCIDR, "ip daddr "+clusterCIDR)
+	inet.Counter("tailscale", "udp dport 41641", "udp sport 41641")
+	c := newCluster(t, lab, overTailnet(tn), withClusterCIDR(hsDualCIDRs))
+	ts1 := tn.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+	ts2 := tn.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
+	ts3 := tn.Start(lab.Machine("ts3", "192.0.2.30/24", nil, ""))
+
+	server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(tn, tn.AuthKey, "ts1")))
+	var serverIPs []netip.Addr
+	WaitFor(t, joinTimeout, "the server's node on the tailnet", func() error {
+		var err error
+		serverIPs, err = ts1.IPs()
+		if err == nil && len(serverIPs) == 0 {
+			err = fmt.Errorf("no address yet")
+		}
+		return err
+	})
+	serverURL := "https://" + netip.AddrPortFrom(serverIPs[0], serverPort).String()
+	authFile := filepath.Join(lab.TempDir("ts2-vpn"), "vpn-auth")
+	if err := os.WriteFile(authFile, []byte(vpnAuth(tn, tn.AuthKey, "ts2")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	agent2 := c.startAgent(ts2.Node, withServerURL(serverURL), withFlags("--vpn-auth-file", authFile))
+	agent3 := c.startAgent(ts3.Node, withServerURL(serverURL), withEnv("TRELLIS_VPN_AUTH="+vpnAuth(tn, tn.AuthKey, "ts3")))
+	three := []*member{server, agent2, agent3}
+
+	// server start → first ping from its pod to another node's pod, per
+	// family (the measurement the docs quote).
+	c.attachPod(server)
+	c.attachPod(agent2)
+	c.attachPod(agent3)
+	for _, v6 := range c.families() {
+		fam := "IPv4"
+		if v6 {
+			fam = "IPv6"
+		}
+		dst := c.podIP(agent2, v6)
+		if err := Poll(joinTimeout, func() error { return server.pod.Ping(dst) }); err != nil {
+			t.Fatalf("%s pod of ts1 → ts2 (%s) over %s: %v", fam, dst, ctl, err)
+		}
+		t.Logf("measured: %s: trellis server --vpn-auth start → first %s pod ping ts1 → ts2: %.2fs (agent ts2 started %.2fs after the server)",
+			ctl, fam, time.Since(server.proc.StartedAt()).Seconds(), agent2.proc.StartedAt().Sub(server.proc.StartedAt()).Seconds())
+	}
+	if failed := c.firstPackets("first start", three, three, joinTimeout); len(failed) > 0 {
+		t.Fatalf("pods do not reach each other over %s within %v:\n%s", ctl, joinTimeout, strings.Join(failed, "\n"))
+	}
+	t.Logf("measured: %s: each node's start → its pod's first ping through to each peer's pod:\n%s", ctl, strings.Join(c.timings, "\n"))
+
+	nodes := c.waitNodes(three...)
+	WaitFor(t, joinTimeout, "every node to report its IPv4 and IPv6 pod CIDR routes approved", func() error {
+		var err error
+		if nodes, err = c.nodes(); err != nil {
+			return err
+		}
+		for _, m := range three {
+			n := nodes[m.Name]
+			if len(n.PodCIDRs) != 2 {
+				return Permanent(fmt.Errorf("%s: want an IPv4 and an IPv6 pod CIDR, got %v", m.Name, n.PodCIDRs))
+			}
+			if v := n.VPN; v == nil || !v.RoutesApproved || !slices.Equal(v.Routes, n.PodCIDRs) || v.Warning != "" {
+				return fmt.Errorf("%s: vpn status %+v", m.Name, v)
+			}
+		}
+		return nil
+	})
+	if hs != nil {
+		routes, err := hs.Routes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range three {
+			want := slices.Clone(nodes[m.Name].PodCIDRs)
+			slices.SortFunc(want, comparePrefixes)
+			if got := routes[m.Name]; !slices.Equal(got.Approved, want) || !slices.Equal(got.Available, want) {
+				t.Errorf("headscale lists %s with routes %+v, want %v advertised and auto-approved", m.Name, got, want)
+			}
+		}
+		t.Logf("headscale nodes list-routes: %+v", routes)
+	}
+	c.checkPods("over "+ctl, three, three, meshTimeout)
+	if plain := inet.MustCount("cluster"); plain != 0 {
+		t.Errorf("the internet router forwarded %d packets with addresses in %s: pod traffic must cross inside Tailscale", plain, clusterCIDR)
+	}
+	if inet.MustCount("tailscale") == 0 {
+		t.Errorf("no Tailscale packets crossed the internet router")
+	}
+	if hs == nil {
+		return
+	}
+
+	t.Run("restart-under-traffic", func(t *testing.T) {
+		ids := hsNodeIDs(t, hs)
+		pingers := startPingers(c, []*member{server, agent2, agent3})
+		if err := hs.Proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		c.checkPods("while headscale is down", three, three, meshTimeout)
+		start := time.Now()
+		if err := hs.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		WaitFor(t, joinTimeout, "every node online in headscale again", func() error {
+			out, err := hs.CLI("nodes", "list", "-o", "json")
+			if err != nil {
+				return err
+			}
+			list, err := parseHSNodes(out)
+			if err != nil {
+				return Permanent(err)
+			}
+			for _, n := range list {
+				if !n.Online {
+					return fmt.Errorf("%s offline", n.GivenName)
+				}
+			}
+			if len(list) != 3 {
+				return fmt.Errorf("%d nodes", len(list))
+			}
+			return nil
+		})
+		t.Logf("measured: headscale %s restart → all three nodes online again: %.2fs", hs.Version, time.Since(start).Seconds())
+		c.checkPods("after headscale restarted", three, three, meshTimeout)
+		sent, lost := pingers.stop()
+		t.Logf("measured: headscale %s stop+restart under traffic: %d pod pings (IPv4+IPv6, 5/s per pair), %d unanswered", hs.Version, sent, lost)
+		if sent == 0 || lost*10 > sent {
+			t.Errorf("pods did not keep talking through the headscale restart: %d of %d pings unanswered", lost, sent)
+		}
+		if got := hsNodeIDs(t, hs); !slices.Equal(got, ids) {
+			t.Errorf("headscale's nodes were %v before the restart and %v after: the nodes must reconnect, not register again", ids, got)
+		}
+		for _, m := range three {
+			if n := strings.Count(m.proc.Log(), "joining the tailnet"); n != 1 {
+				t.Errorf("%s's log says %d times that it joins the tailnet, want once (no re-auth after a headscale restart)", m.Name, n)
+			}
+		}
+		WaitFor(t, joinTimeout, "every node to report its routes approved after the restart", func() error {
+			nodes, err := c.nodes()
+			if err != nil {
+				return err
+			}
+			for _, m := range three {
+				if v := nodes[m.Name].VPN; v == nil || !v.RoutesApproved {
+					return fmt.Errorf("%s: vpn status %+v", m.Name, v)
+				}
+			}
+			return nil
+		})
+	})
+}
+
+// hsNode is a node as `headscale nodes list -o json` prints it.
+type hsNode struct {
+	ID        json.Number `json:"id"`
+	GivenName string      `json:"given_name"`
+	Online    bool        `json:"online"`
+}
+
+func parseHSNodes(out string) ([]hsNode, error) {
+	var list []hsNode
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		return nil, fmt.Errorf("headscale nodes list -o json: %w: %q", err, out)
+	}
+	return list, nil
+}
+
+// hsNodeIDs lists headscale's nodes as "name=id", sorted.
+func hsNodeIDs(t *testing.T, hs *Headscale) []string {
+	t.Helper()
+	out, err := hs.CLI("nodes", "list", "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := parseHSNodes(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, n := range list {
+		ids = append(ids, n.GivenName+"="+n.ID.String())
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// pingers ping from each member's pod to every other member's pods, on
+// each family, five times a second, until stop.
+type pingers struct {
+	done       chan struct{}
+	wg         sync.WaitGroup
+	mu         sync.Mutex
+	sent, lost int
+}
+
+func startPingers(c *cluster, ms []*member) *pingers {
+	p := &pingers{done: make(chan struct{})}
+	for _, a := range ms {
+		for _, b := range ms {
+			if a == b {
+				continue
+			}
+			for _, v6 := range c.families() {
+				dst := c.podIP(b, v6)
+				p.wg.Go(func() {
+					tick := time.NewTicker(200 * time.Millisecond)
+					defer tick.Stop()
+					for {
+						select {
+						case <-p.done:
+							return
+						case <-tick.C:
+						}
+						err := pingWait(a.lab, a.pod.NS, dst, "1")
+						p.mu.Lock()
+						p.sent++
+						if err != nil {
+							p.lost++
+						}
+						p.mu.Unlock()
+					}
+				})
+			}
+		}
+	}
+	return p
+}
+
+// stop stops the pingers and returns how many pings they sent and how
+// many went unanswered.
+func (p *pingers) stop() (sent, lost int) {
+	close(p.done)
+	p.wg.Wait()
+	return p.sent, p.lost
+}
