@@ -58,9 +58,10 @@ type vpnCarrier struct {
 	since      time.Time      // when they were advertised
 	next       time.Time      // next check
 	approved   bool
-	warned     bool
+	warned     string         // the kind of warning logged last ("" none, "approval", "policy")
 	cidrs      []netip.Prefix // cluster CIDRs
 	loginName  string
+	tags       []string       // the node's tags on the VPN (a tagged join key)
 	status     *api.VPNStatus // last status reported
 }
 
@@ -95,7 +96,7 @@ func vpnUp(ctx context.Context, cfg *Config, log *slog.Logger) (*vpnCarrier, err
 	}
 	cfg.NodeIPs = addrs
 	log.Info("VPN up; its addresses are the node IPs", "vpn", cfg.VPN.Name(), "addresses", addrs, "took", time.Since(start).Round(time.Millisecond))
-	return &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName}, nil
+	return &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName, tags: slices.Clone(st.Tags)}, nil
 }
 
 // recordKernelRoutes adds prefixes to the kernel routes the VPN record
@@ -157,7 +158,7 @@ func (l *loop) advertise(ctx context.Context, podCIDRs []netip.Prefix) error {
 		return err
 	}
 	if !slices.Equal(v.routes, podCIDRs) || !v.approved {
-		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(podCIDRs), time.Now(), time.Time{}, false, false
+		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(podCIDRs), time.Now(), time.Time{}, false, ""
 	}
 	v.cidrs = slices.Clone(cidrs)
 	if st.LoginName != "" {
@@ -247,30 +248,85 @@ func (l *loop) vpnObserve(st vpn.State, now time.Time) {
 	case !approved && v.approved:
 		l.log.Warn("the VPN no longer routes this node's pod CIDRs to it", "routes", v.routes, "approved", st.Approved)
 	}
-	if !approved && now.Sub(v.since) >= v.approvalTimeout {
-		s.Warning = unapprovedWarning(v.routes, now.Sub(v.since), v.cidrs, v.loginName)
-		if !v.warned {
-			l.log.Warn(s.Warning)
-			v.warned = true
+	v.tags = slices.Clone(st.Tags)
+	kind := ""
+	if after := now.Sub(v.since); after >= v.approvalTimeout {
+		if denied := policyDenied(st, v.routes, v.cidrs); len(denied) > 0 {
+			kind, s.Warning = "policy", policyWarning(denied, v.cidrs)
+		} else if !approved {
+			kind, s.Warning = "approval", unapprovedWarning(v.routes, after, v.cidrs, v.loginName, v.tags)
 		}
 	}
+	if kind != "" && kind != v.warned {
+		l.log.Warn(s.Warning)
+	}
+	v.warned = kind
 	v.approved = approved
 	v.status = s
 }
 
-func unapprovedWarning(routes []netip.Prefix, after time.Duration, cidrs []netip.Prefix, owner string) string {
-	return fmt.Sprintf("the tailnet has not approved this node's pod CIDR routes %s after %v, so other nodes cannot reach its pods. "+
-		"Approve them in the admin console (Machines, this node, Edit route settings), or let the control server approve every node's routes by adding to the tailnet policy file (headscale: its ACL policy):\n%s",
-		joinPrefixList(routes), after.Round(time.Second), AutoApproversStanza(cidrs, owner))
+// policyDenied returns the routes (pod CIDRs) that the VPN's packet filter
+// lets no traffic from the cluster (a cluster CIDR of the route's family)
+// reach: the tailnet policy denies them. Nothing when the filter is
+// unknown.
+func policyDenied(st vpn.State, routes, cidrs []netip.Prefix) []netip.Prefix {
+	if !st.FilterKnown {
+		return nil
+	}
+	var denied []netip.Prefix
+	for _, r := range routes {
+		var srcs []netip.Prefix
+		for _, c := range cidrs {
+			if c.Addr().Is4() == r.Addr().Is4() {
+				srcs = append(srcs, c)
+			}
+		}
+		if len(srcs) == 0 {
+			srcs = []netip.Prefix{r}
+		}
+		if !vpn.Admits(st.Filter, srcs, r) {
+			denied = append(denied, r)
+		}
+	}
+	return denied
+}
+
+func policyWarning(denied, cidrs []netip.Prefix) string {
+	src := make([]string, len(cidrs))
+	dst := make([]string, len(cidrs))
+	for i, c := range cidrs {
+		src[i] = fmt.Sprintf("%q", c.String())
+		dst[i] = fmt.Sprintf("%q", c.String()+":*")
+	}
+	return fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs %s: the node's packet filter (tailscale debug localapi debug-packet-filter-matches) has no rule for them, so pods on other nodes can never reach its pods. "+
+		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's traffic in the policy's acls (headscale: its policy file; a policy with no acls key at all allows everything), e.g.:\n"+
+		"{\"action\": \"accept\", \"src\": [%s], \"dst\": [%s]}",
+		joinPrefixList(denied), strings.Join(src, ", "), strings.Join(dst, ", "))
+}
+
+func unapprovedWarning(routes []netip.Prefix, after time.Duration, cidrs []netip.Prefix, owner string, tags []string) string {
+	tagged := ""
+	if len(tags) > 0 {
+		owner = tags[0]
+		tagged = fmt.Sprintf("This node joined with a tagged key (%s): the control server approves a tagged node's routes only for an approver that names its tag (headscale: a user approver never matches a tagged node), so the stanza names the tag; the policy's tagOwners must list it too. ",
+			strings.Join(tags, ","))
+	}
+	return fmt.Sprintf("the tailnet has not approved this node's pod CIDR routes %s after %v, so other nodes cannot reach its pods. %s"+
+		"Approve them in the admin console (Machines, this node, Edit route settings; headscale: headscale nodes approve-routes), or let the control server approve every node's routes by adding to the tailnet policy file (headscale: its policy file, then reload it with SIGHUP):\n%s",
+		joinPrefixList(routes), after.Round(time.Second), tagged, AutoApproversStanza(cidrs, owner))
 }
 
 // AutoApproversStanza is the tailnet policy stanza that approves routes
 // inside the cluster CIDRs automatically, as the K3s documentation shows
 // it. owner is the user or tag the nodes log in as; empty gives a
-// placeholder.
+// placeholder. A user name without '@' (a headscale user created without
+// an e-mail) gets one: headscale's policy names users as "name@".
 func AutoApproversStanza(cidrs []netip.Prefix, owner string) string {
-	if owner == "" {
+	switch {
+	case owner == "":
 		owner = "your_account@xyz.com"
+	case !strings.Contains(owner, "@") && !strings.Contains(owner, ":"):
+		owner += "@" // not tag:x, group:x, autogroup:x
 	}
 	var b strings.Builder
 	b.WriteString("\"autoApprovers\": {\n\"routes\": {\n")

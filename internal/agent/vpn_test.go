@@ -79,3 +79,62 @@ func TestAutoApproversStanza(t *testing.T) {
 		t.Errorf("stanza with owner:\n%s", got)
 	}
 }
+
+func TestAutoApproversStanzaOwner(t *testing.T) {
+	for owner, want := range map[string]string{
+		"trellis":             `["trellis@"]`, // a headscale user without an e-mail: policy v2 wants "name@"
+		"trellis@":            `["trellis@"]`,
+		"trellis@example.com": `["trellis@example.com"]`,
+		"tag:k8s":             `["tag:k8s"]`,
+		"group:ops":           `["group:ops"]`,
+	} {
+		if got := AutoApproversStanza(pfx("10.42.0.0/16"), owner); !strings.Contains(got, `"10.42.0.0/16": `+want+`,`) {
+			t.Errorf("owner %q: stanza\n%s\nwant %s", owner, got, want)
+		}
+	}
+}
+
+func TestUnapprovedWarningTagged(t *testing.T) {
+	cidrs := pfx("10.42.0.0/16", "2001:cafe:42::/56")
+	w := unapprovedWarning(pfx("10.42.1.0/24"), 30e9, cidrs, "tagged-devices", []string{"tag:trellis"})
+	for _, want := range []string{"tagged key (tag:trellis)", "tagOwners", `"10.42.0.0/16": ["tag:trellis"],`, `"2001:cafe:42::/56": ["tag:trellis"],`} {
+		if !strings.Contains(w, want) {
+			t.Errorf("want %q in:\n%s", want, w)
+		}
+	}
+	w = unapprovedWarning(pfx("10.42.1.0/24"), 30e9, cidrs, "trellis@example.com", nil)
+	if strings.Contains(w, "tagged") || !strings.Contains(w, `"10.42.0.0/16": ["trellis@example.com"],`) {
+		t.Errorf("untagged:\n%s", w)
+	}
+}
+
+func TestPolicyDenied(t *testing.T) {
+	cidrs := pfx("10.42.0.0/16", "2001:cafe:42::/56")
+	routes := pfx("10.42.1.0/24", "2001:cafe:42:1::/64")
+	all := []vpn.Rule{{Srcs: pfx("0.0.0.0/0", "::/0"), Dsts: pfx("0.0.0.0/0", "::/0")}}
+	v4only := []vpn.Rule{{Srcs: pfx("10.42.0.0/16"), Dsts: pfx("10.42.0.0/16")}}
+	tests := []struct {
+		name string
+		st   vpn.State
+		want []netip.Prefix
+	}{
+		{"filter unknown", vpn.State{}, nil},
+		{"acls: [] (no rules)", vpn.State{FilterKnown: true}, routes},
+		{"allow all", vpn.State{FilterKnown: true, Filter: all}, nil},
+		{"IPv4 only", vpn.State{FilterKnown: true, Filter: v4only}, pfx("2001:cafe:42:1::/64")},
+		{"tailnet addresses only", vpn.State{FilterKnown: true, Filter: []vpn.Rule{{Srcs: pfx("100.64.0.0/10"), Dsts: pfx("100.64.0.0/10")}}}, routes},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := policyDenied(tt.st, routes, cidrs); !slices.Equal(got, tt.want) {
+				t.Errorf("policyDenied = %v, want %v", got, tt.want)
+			}
+		})
+	}
+	w := policyWarning(routes, cidrs)
+	for _, want := range []string{`"acls": []`, `"src": ["10.42.0.0/16", "2001:cafe:42::/56"]`, `"dst": ["10.42.0.0/16:*", "2001:cafe:42::/56:*"]`, "10.42.1.0/24,2001:cafe:42:1::/64"} {
+		if !strings.Contains(w, want) {
+			t.Errorf("want %q in:\n%s", want, w)
+		}
+	}
+}
