@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/api"
 )
 
 // hsDualCIDRs is the seed page's dual-stack cluster CIDR.
@@ -282,4 +284,233 @@ func (p *pingers) stop() (sent, lost int) {
 	close(p.done)
 	p.wg.Wait()
 	return p.sent, p.lost
+}
+
+// forEachHeadscale runs f in a subtest per headscale version, each with a
+// lab of its own and headscale started on it with policy.
+func forEachHeadscale(t *testing.T, policy string, f func(t *testing.T, lab *Lab, hs *Headscale)) {
+	for _, v := range headscaleVersions() {
+		t.Run(v, func(t *testing.T) {
+			lab := NewLab(t)
+			f(t, lab, lab.NewHeadscale(v, tsCtlCIDR, policy))
+		})
+	}
+}
+
+// waitVPNWarning waits until `trellis nodes` shows a VPN warning on node
+// name that contains every one of wants, and the node's log has it too
+// (logfmt escapes its quotes: only wants without quotes are looked for
+// there), and returns the node.
+func waitVPNWarning(t *testing.T, c *cluster, m *member, wants ...string) api.Node {
+	t.Helper()
+	var node api.Node
+	WaitFor(t, joinTimeout, m.Name+" to warn in trellis nodes", func() error {
+		if err := m.proc.Err(); err != nil {
+			return err
+		}
+		nodes, err := c.nodes()
+		if err != nil {
+			return err
+		}
+		node = nodes[m.Name]
+		if node.VPN == nil {
+			return fmt.Errorf("no vpn status")
+		}
+		for _, w := range wants {
+			if !strings.Contains(node.VPN.Warning, w) {
+				return fmt.Errorf("no %q in the warning %q", w, node.VPN.Warning)
+			}
+		}
+		return nil
+	})
+	log := m.proc.Log()
+	for _, w := range wants {
+		if !strings.Contains(w, `"`) && !strings.Contains(log, w) {
+			t.Errorf("%s's log lacks %q", m.Name, w)
+		}
+	}
+	table, err := c.cli("nodes")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(table, "WARNING: node "+m.Name+":") {
+		t.Errorf("trellis nodes prints no warning for %s:\n%s", m.Name, table)
+	}
+	t.Logf("trellis nodes:\n%s", table)
+	return node
+}
+
+// printedStanza is the autoApprovers stanza at the end of a warning.
+func printedStanza(t *testing.T, warning string) string {
+	t.Helper()
+	i := strings.Index(warning, `"autoApprovers": {`)
+	if i < 0 {
+		t.Fatalf("no autoApprovers stanza in %q", warning)
+	}
+	return warning[i:]
+}
+
+// waitApproved waits until `trellis nodes` shows the routes of every one
+// of ms approved, with no warning.
+func waitApproved(t *testing.T, c *cluster, ms ...*member) {
+	t.Helper()
+	took := WaitFor(t, joinTimeout, "trellis nodes to show the routes approved", func() error {
+		nodes, err := c.nodes()
+		if err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if v := nodes[m.Name].VPN; v == nil || !v.RoutesApproved || v.Warning != "" {
+				return fmt.Errorf("%s: vpn status %+v", m.Name, v)
+			}
+		}
+		return nil
+	})
+	t.Logf("trellis nodes showed the routes approved after %.1fs", took.Seconds())
+}
+
+// TestHeadscaleApproverMatchesNoUser: the policy's approver names no
+// headscale user (a typo: headscale says nothing, the routes stay
+// unapproved). After --vpn-route-approval-timeout the node says so, in its
+// log and in trellis nodes, with an autoApprovers stanza for both
+// families that names the node's user; that stanza, pasted into the policy
+// as it is, gets the routes approved.
+func TestHeadscaleApproverMatchesNoUser(t *testing.T) {
+	forEachHeadscale(t, seedPolicy(`"nobody@example.com"`, "", ""), func(t *testing.T, lab *Lab, hs *Headscale) {
+		c := newCluster(t, lab, overTailnet(hs.Tailnet), withClusterCIDR(hsDualCIDRs))
+		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+		server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
+		owner := fmt.Sprintf("[%q]", hsUserEmail)
+		node := waitVPNWarning(t, c, server, "has not approved this node's pod CIDR routes",
+			fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		if node.VPN.RoutesApproved {
+			t.Errorf("vpn status %+v: routes approved, but the approver matches no user", node.VPN)
+		}
+		routes, err := hs.Routes()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(routes["ts1"].Approved) != 0 || len(routes["ts1"].Available) != 2 {
+			t.Fatalf("headscale lists ts1 with %+v: want two routes advertised, none approved", routes["ts1"])
+		}
+		stanza := printedStanza(t, node.VPN.Warning)
+		if err := hs.SetPolicy("{\n" + stanza + "\n}\n"); err != nil {
+			t.Fatal(err)
+		}
+		waitApproved(t, c, server)
+	})
+}
+
+// TestHeadscaleTaggedKey: the nodes join with a tagged pre-auth key and the
+// policy approves the user who owns the tag, which headscale never applies
+// to a tagged node. The node says so, naming its tag; the stanza it prints
+// (with the policy's tagOwners) gets the routes approved.
+func TestHeadscaleTaggedKey(t *testing.T) {
+	const tag = "tag:trellis"
+	tagOwners := fmt.Sprintf(`"tagOwners": {%q: [%q]},`, tag, hsUserEmail)
+	forEachHeadscale(t, seedPolicy(fmt.Sprintf("%q", hsUserEmail), "", tagOwners), func(t *testing.T, lab *Lab, hs *Headscale) {
+		key, err := hs.NewKey(tag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := newCluster(t, lab, overTailnet(hs.Tailnet), withClusterCIDR(hsDualCIDRs))
+		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+		authFile := filepath.Join(lab.TempDir("ts1-vpn"), "vpn-auth")
+		if err := os.WriteFile(authFile, []byte(vpnAuth(hs.Tailnet, key, "ts1")), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		server := c.startServer(ts1.Node, withFlags("--vpn-auth-file", authFile))
+		owner := fmt.Sprintf("[%q]", tag)
+		node := waitVPNWarning(t, c, server, "has not approved this node's pod CIDR routes", "tagged key ("+tag+")", "tagOwners",
+			fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		stanza := printedStanza(t, node.VPN.Warning)
+		if err := hs.SetPolicy("{\n" + tagOwners + "\n" + stanza + "\n}\n"); err != nil {
+			t.Fatal(err)
+		}
+		waitApproved(t, c, server)
+		checkNoSecret(t, key, nil, server.proc)
+	})
+}
+
+// TestHeadscaleDenyAll: a policy with "acls": [] lets no traffic through
+// (headscale approves the routes but sends them to no peer; an agent
+// cannot even reach its server over the tailnet). The nodes detect it from
+// their packet filter and say why, the agent while it waits for its
+// server, with a rule to add; the rule the server's node prints, put in
+// the policy, lets the agent join and the pods reach each other on both
+// families.
+func TestHeadscaleDenyAll(t *testing.T) {
+	approver := fmt.Sprintf("%q", hsUserEmail)
+	forEachHeadscale(t, seedPolicy(approver, `"acls": [],`, ""), func(t *testing.T, lab *Lab, hs *Headscale) {
+		c := newCluster(t, lab, overTailnet(hs.Tailnet), withClusterCIDR(hsDualCIDRs))
+		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
+		server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
+		ips, err := ts1.IPs()
+		if err != nil || len(ips) == 0 {
+			t.Fatalf("ts1's tailnet addresses: %v %v", ips, err)
+		}
+		agent := c.startAgent(ts2.Node, withServerURL("https://"+netip.AddrPortFrom(ips[0], serverPort).String()),
+			withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")))
+		rule := fmt.Sprintf(`{"action": "accept", "src": [%q, %q, %q], "dst": [%q, %q, %q]}`,
+			hsUserEmail, clusterCIDR, hsClusterCIDR6, hsUserEmail+":*", clusterCIDR+":*", hsClusterCIDR6+":*")
+		node := waitVPNWarning(t, c, server, "the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs", `"acls": []`, rule)
+		if !node.VPN.PolicyDenies {
+			t.Errorf("vpn status %+v: want policyDenies", node.VPN)
+		}
+		WaitFor(t, joinTimeout, "ts2's agent to say that the policy denies all traffic, at start and while it waits for its server", func() error {
+			if err := agent.proc.Err(); err != nil {
+				return err
+			}
+			log := agent.proc.Log()
+			for _, want := range []string{"the tailnet policy lets no traffic at all reach this node", "waiting for the server",
+				"hint=\"the tailnet policy lets no traffic reach this node"} {
+				if !strings.Contains(log, want) {
+					return fmt.Errorf("no %q in its log", want)
+				}
+			}
+			return nil
+		})
+		if err := ts2.Ping(ips[0]); err == nil {
+			t.Errorf("ts2 reaches ts1's tailnet address %s with \"acls\": []", ips[0])
+		}
+		i := strings.Index(node.VPN.Warning, `{"action"`)
+		if err := hs.SetPolicy(seedPolicy(approver, `"acls": [`+node.VPN.Warning[i:]+`],`, "")); err != nil {
+			t.Fatal(err)
+		}
+		two := []*member{server, agent}
+		c.waitNodes(two...)
+		for _, m := range two {
+			c.attachPod(m)
+		}
+		waitApproved(t, c, two...)
+		c.checkPods("after the printed rule was added to the policy", two, two, meshTimeout)
+	})
+}
+
+// TestHeadscaleSecondCluster: a second cluster with the same cluster CIDR
+// on the same tailnet (the seed page's warning). Its server refuses to
+// start, naming the first cluster's node that routes the range.
+func TestHeadscaleSecondCluster(t *testing.T) {
+	forEachHeadscale(t, seedPolicy(fmt.Sprintf("%q", hsUserEmail), "", ""), func(t *testing.T, lab *Lab, hs *Headscale) {
+		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
+		first := newCluster(t, lab, overTailnet(hs.Tailnet))
+		a := first.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
+		waitApproved(t, first, a)
+		second := newCluster(t, lab, overTailnet(hs.Tailnet))
+		b := second.startServer(ts2.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")), noWait())
+		log := waitExit(t, b.proc, 2*joinTimeout)
+		for _, want := range []string{`VPN node "ts1"`, "not a node of this cluster", clusterCIDR, "Choose another --cluster-cidr", "exit status 1"} {
+			if !strings.Contains(log, want) {
+				t.Errorf("want %q in the second server's log:\n%s", want, log)
+			}
+		}
+		if routes, err := ts2.AdvertisedRoutes(); err != nil || len(routes) != 0 {
+			t.Errorf("the refused node advertises %v (%v), want nothing", routes, err)
+		}
+		if err := a.proc.Err(); err != nil {
+			t.Errorf("the first cluster's server: %v", err)
+		}
+	})
 }

@@ -96,7 +96,47 @@ func vpnUp(ctx context.Context, cfg *Config, log *slog.Logger) (*vpnCarrier, err
 	}
 	cfg.NodeIPs = addrs
 	log.Info("VPN up; its addresses are the node IPs", "vpn", cfg.VPN.Name(), "addresses", addrs, "took", time.Since(start).Round(time.Millisecond))
-	return &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName, tags: slices.Clone(st.Tags)}, nil
+	v := &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName, tags: slices.Clone(st.Tags)}
+	if deniesAll(st) {
+		log.Warn(denyAllWarning(stanzaOwner(st.LoginName, st.Tags)))
+	}
+	return v, nil
+}
+
+// deniesAll reports whether the VPN's packet filter, when known, lets no
+// traffic at all reach the node's VPN addresses.
+func deniesAll(st vpn.State) bool {
+	if !st.FilterKnown {
+		return false
+	}
+	for _, a := range st.Addrs {
+		any := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		if a.Is6() {
+			any = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		if vpn.Admits(st.Filter, []netip.Prefix{any}, netip.PrefixFrom(a, a.BitLen())) {
+			return false
+		}
+	}
+	return true
+}
+
+func denyAllWarning(owner string) string {
+	return "the tailnet policy lets no traffic at all reach this node: its packet filter (tailscale debug localapi debug-packet-filter-matches) is empty, so no other node, and no server reached over the tailnet, can reach it. " +
+		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g. the rule below, and their pods (the nodes print a rule with the cluster CIDRs once they have joined):\n" +
+		aclRule(nil, owner)
+}
+
+// joinHint says, while the agent waits for its server, that the tailnet
+// policy denies all traffic to this node, if it does now.
+func (v *vpnCarrier) joinHint() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := v.p.State(ctx)
+	if err != nil || !deniesAll(st) {
+		return ""
+	}
+	return "the tailnet policy lets no traffic reach this node (\"acls\": [] denies everything), so the server cannot answer over the tailnet; see the warning at start"
 }
 
 // recordKernelRoutes adds prefixes to the kernel routes the VPN record
@@ -252,7 +292,7 @@ func (l *loop) vpnObserve(st vpn.State, now time.Time) {
 	kind := ""
 	if after := now.Sub(v.since); after >= v.approvalTimeout {
 		if denied := policyDenied(st, v.routes, v.cidrs); len(denied) > 0 {
-			kind, s.Warning = "policy", policyWarning(denied, v.cidrs)
+			kind, s.Warning, s.PolicyDenies = "policy", policyWarning(denied, v.cidrs, stanzaOwner(v.loginName, v.tags)), true
 		} else if !approved {
 			kind, s.Warning = "approval", unapprovedWarning(v.routes, after, v.cidrs, v.loginName, v.tags)
 		}
@@ -291,29 +331,50 @@ func policyDenied(st vpn.State, routes, cidrs []netip.Prefix) []netip.Prefix {
 	return denied
 }
 
-func policyWarning(denied, cidrs []netip.Prefix) string {
-	src := make([]string, len(cidrs))
-	dst := make([]string, len(cidrs))
-	for i, c := range cidrs {
-		src[i] = fmt.Sprintf("%q", c.String())
-		dst[i] = fmt.Sprintf("%q", c.String()+":*")
-	}
+func policyWarning(denied, cidrs []netip.Prefix, owner string) string {
 	return fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs %s: the node's packet filter (tailscale debug localapi debug-packet-filter-matches) has no rule for them, so pods on other nodes can never reach its pods. "+
-		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's traffic in the policy's acls (headscale: its policy file; a policy with no acls key at all allows everything), e.g.:\n"+
-		"{\"action\": \"accept\", \"src\": [%s], \"dst\": [%s]}",
-		joinPrefixList(denied), strings.Join(src, ", "), strings.Join(dst, ", "))
+		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes and pods in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g.:\n%s",
+		joinPrefixList(denied), aclRule(cidrs, owner))
+}
+
+// aclRule is a tailnet policy ACL rule that lets the cluster's nodes (those
+// of owner, a user or tag) and pods (the cluster CIDRs) reach each other.
+func aclRule(cidrs []netip.Prefix, owner string) string {
+	var src, dst []string
+	if owner != "" {
+		src, dst = append(src, fmt.Sprintf("%q", owner)), append(dst, fmt.Sprintf("%q", owner+":*"))
+	}
+	for _, c := range cidrs {
+		src = append(src, fmt.Sprintf("%q", c.String()))
+		dst = append(dst, fmt.Sprintf("%q", c.String()+":*"))
+	}
+	return fmt.Sprintf(`{"action": "accept", "src": [%s], "dst": [%s]}`, strings.Join(src, ", "), strings.Join(dst, ", "))
+}
+
+// stanzaOwner is who a policy stanza names for this node: its first tag
+// if it is tagged, else its login name with '@' added where it has none
+// (headscale's policy names a user as "name@"); empty if unknown.
+func stanzaOwner(login string, tags []string) string {
+	switch {
+	case len(tags) > 0:
+		return tags[0]
+	case login == "":
+		return ""
+	case !strings.Contains(login, "@") && !strings.Contains(login, ":"):
+		return login + "@"
+	}
+	return login
 }
 
 func unapprovedWarning(routes []netip.Prefix, after time.Duration, cidrs []netip.Prefix, owner string, tags []string) string {
 	tagged := ""
 	if len(tags) > 0 {
-		owner = tags[0]
 		tagged = fmt.Sprintf("This node joined with a tagged key (%s): the control server approves a tagged node's routes only for an approver that names its tag (headscale: a user approver never matches a tagged node), so the stanza names the tag; the policy's tagOwners must list it too. ",
 			strings.Join(tags, ","))
 	}
 	return fmt.Sprintf("the tailnet has not approved this node's pod CIDR routes %s after %v, so other nodes cannot reach its pods. %s"+
 		"Approve them in the admin console (Machines, this node, Edit route settings; headscale: headscale nodes approve-routes), or let the control server approve every node's routes by adding to the tailnet policy file (headscale: its policy file, then reload it with SIGHUP):\n%s",
-		joinPrefixList(routes), after.Round(time.Second), tagged, AutoApproversStanza(cidrs, owner))
+		joinPrefixList(routes), after.Round(time.Second), tagged, AutoApproversStanza(cidrs, stanzaOwner(owner, tags)))
 }
 
 // AutoApproversStanza is the tailnet policy stanza that approves routes

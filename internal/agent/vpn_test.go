@@ -131,10 +131,57 @@ func TestPolicyDenied(t *testing.T) {
 			}
 		})
 	}
-	w := policyWarning(routes, cidrs)
-	for _, want := range []string{`"acls": []`, `"src": ["10.42.0.0/16", "2001:cafe:42::/56"]`, `"dst": ["10.42.0.0/16:*", "2001:cafe:42::/56:*"]`, "10.42.1.0/24,2001:cafe:42:1::/64"} {
+	w := policyWarning(routes, cidrs, "trellis@example.com")
+	for _, want := range []string{`"acls": []`, `"src": ["trellis@example.com", "10.42.0.0/16", "2001:cafe:42::/56"]`,
+		`"dst": ["trellis@example.com:*", "10.42.0.0/16:*", "2001:cafe:42::/56:*"]`, "10.42.1.0/24,2001:cafe:42:1::/64"} {
 		if !strings.Contains(w, want) {
 			t.Errorf("want %q in:\n%s", want, w)
 		}
+	}
+}
+
+func TestDeniesAll(t *testing.T) {
+	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	addrs := []netip.Addr{a("100.64.0.1"), a("fd7a:115c:a1e0::1")}
+	tests := []struct {
+		name string
+		st   vpn.State
+		want bool
+	}{
+		{"filter unknown", vpn.State{Addrs: addrs}, false},
+		{"acls: [] (no rules)", vpn.State{Addrs: addrs, FilterKnown: true}, true},
+		{"allow all", vpn.State{Addrs: addrs, FilterKnown: true, Filter: []vpn.Rule{{Srcs: pfx("0.0.0.0/0", "::/0"), Dsts: pfx("0.0.0.0/0", "::/0")}}}, false},
+		{"tailnet v6 only", vpn.State{Addrs: addrs, FilterKnown: true, Filter: []vpn.Rule{{Srcs: pfx("fd7a:115c:a1e0::/48"), Dsts: pfx("fd7a:115c:a1e0::/48")}}}, false},
+		{"other hosts only", vpn.State{Addrs: addrs, FilterKnown: true, Filter: []vpn.Rule{{Srcs: pfx("0.0.0.0/0"), Dsts: pfx("100.64.0.9/32")}}}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := deniesAll(tt.st); got != tt.want {
+				t.Errorf("deniesAll = %v, want %v", got, tt.want)
+			}
+		})
+	}
+	if w := denyAllWarning("tag:k8s"); !strings.Contains(w, `{"action": "accept", "src": ["tag:k8s"], "dst": ["tag:k8s:*"]}`) || !strings.Contains(w, `"acls": []`) {
+		t.Errorf("denyAllWarning:\n%s", w)
+	}
+}
+
+func TestStanzaOwner(t *testing.T) {
+	for _, tt := range []struct {
+		login string
+		tags  []string
+		want  string
+	}{
+		{"", nil, ""},
+		{"trellis", nil, "trellis@"},
+		{"ops@example.com", nil, "ops@example.com"},
+		{"tagged-devices", []string{"tag:k8s", "tag:b"}, "tag:k8s"},
+	} {
+		if got := stanzaOwner(tt.login, tt.tags); got != tt.want {
+			t.Errorf("stanzaOwner(%q, %v) = %q, want %q", tt.login, tt.tags, got, tt.want)
+		}
+	}
+	if got := aclRule(pfx("10.42.0.0/16"), ""); got != `{"action": "accept", "src": ["10.42.0.0/16"], "dst": ["10.42.0.0/16:*"]}` {
+		t.Errorf("aclRule without owner = %s", got)
 	}
 }

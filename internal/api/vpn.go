@@ -20,6 +20,10 @@ type VPNStatus struct {
 	// RoutesApproved: the VPN's control server approved Routes, so other
 	// nodes route them to this node.
 	RoutesApproved bool `json:"routesApproved"`
+	// PolicyDenies: the node's packet filter (the tailnet policy, e.g.
+	// headscale's "acls": []) lets no traffic from the cluster reach its
+	// pod CIDRs, approved or not.
+	PolicyDenies bool `json:"policyDenies,omitempty"`
 	// Warning says what is wrong and what to do (for unapproved routes:
 	// the autoApprovers stanza to add to the tailnet policy).
 	Warning string `json:"warning,omitempty"`
