@@ -369,20 +369,54 @@ func waitApproved(t *testing.T, c *cluster, ms ...*member) {
 	t.Logf("trellis nodes showed the routes approved after %.1fs", took.Seconds())
 }
 
+// startAgentVia starts an agent on ts that joins the cluster's server at
+// the server node's tailnet IPv4 address, with vpnAuth opts.
+func startAgentVia(t *testing.T, c *cluster, server, ts *TSNode, opts ...option) *member {
+	t.Helper()
+	ips, err := server.IPs()
+	if err != nil || len(ips) == 0 {
+		t.Fatalf("%s's tailnet addresses: %v %v", server.Name, ips, err)
+	}
+	return c.startAgent(ts.Node, append([]option{withServerURL("https://" + netip.AddrPortFrom(ips[0], serverPort).String())}, opts...)...)
+}
+
+// waitHSApproved waits until headscale lists every advertised route of
+// each of names approved.
+func waitHSApproved(t *testing.T, hs *Headscale, names ...string) {
+	t.Helper()
+	WaitFor(t, joinTimeout, fmt.Sprintf("headscale to approve the routes of %v", names), func() error {
+		routes, err := hs.Routes()
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			if r := routes[n]; len(r.Available) == 0 || !slices.Equal(r.Approved, r.Available) {
+				return fmt.Errorf("%s: %+v", n, r)
+			}
+		}
+		return nil
+	})
+}
+
 // TestHeadscaleApproverMatchesNoUser: the policy's approver names no
 // headscale user (a typo: headscale says nothing, the routes stay
-// unapproved). After --vpn-route-approval-timeout the node says so, in its
-// log and in trellis nodes, with an autoApprovers stanza for both
+// unapproved). After --vpn-route-approval-timeout the nodes say so, in
+// their logs and in trellis nodes, with an autoApprovers stanza for both
 // families that names the node's user; that stanza, pasted into the policy
-// as it is, gets the routes approved.
+// as it is, gets both nodes' routes approved, and trellis nodes shows it.
 func TestHeadscaleApproverMatchesNoUser(t *testing.T) {
 	forEachHeadscale(t, seedPolicy(`"nobody@example.com"`, "", ""), func(t *testing.T, lab *Lab, hs *Headscale) {
 		c := newCluster(t, lab, overTailnet(hs.Tailnet), withClusterCIDR(hsDualCIDRs))
 		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
+		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
 		server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
+		agent := startAgentVia(t, c, ts1, ts2, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")))
 		owner := fmt.Sprintf("[%q]", hsUserEmail)
-		node := waitVPNWarning(t, c, server, "has not approved this node's pod CIDR routes",
-			fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		var node api.Node
+		for _, m := range []*member{server, agent} {
+			node = waitVPNWarning(t, c, m, "has not approved this node's pod CIDR routes",
+				fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		}
 		if node.VPN.RoutesApproved {
 			t.Errorf("vpn status %+v: routes approved, but the approver matches no user", node.VPN)
 		}
@@ -397,14 +431,15 @@ func TestHeadscaleApproverMatchesNoUser(t *testing.T) {
 		if err := hs.SetPolicy("{\n" + stanza + "\n}\n"); err != nil {
 			t.Fatal(err)
 		}
-		waitApproved(t, c, server)
+		waitHSApproved(t, hs, "ts1", "ts2")
+		waitApproved(t, c, server, agent)
 	})
 }
 
 // TestHeadscaleTaggedKey: the nodes join with a tagged pre-auth key and the
 // policy approves the user who owns the tag, which headscale never applies
-// to a tagged node. The node says so, naming its tag; the stanza it prints
-// (with the policy's tagOwners) gets the routes approved.
+// to a tagged node. The nodes say so, naming their tag; the stanza they
+// print (with the policy's tagOwners) gets the routes approved.
 func TestHeadscaleTaggedKey(t *testing.T) {
 	const tag = "tag:trellis"
 	tagOwners := fmt.Sprintf(`"tagOwners": {%q: [%q]},`, tag, hsUserEmail)
@@ -419,16 +454,22 @@ func TestHeadscaleTaggedKey(t *testing.T) {
 		if err := os.WriteFile(authFile, []byte(vpnAuth(hs.Tailnet, key, "ts1")), 0o600); err != nil {
 			t.Fatal(err)
 		}
+		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
 		server := c.startServer(ts1.Node, withFlags("--vpn-auth-file", authFile))
+		agent := startAgentVia(t, c, ts1, ts2, withVPNAuth(vpnAuth(hs.Tailnet, key, "ts2")))
 		owner := fmt.Sprintf("[%q]", tag)
-		node := waitVPNWarning(t, c, server, "has not approved this node's pod CIDR routes", "tagged key ("+tag+")", "tagOwners",
-			fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		var node api.Node
+		for _, m := range []*member{server, agent} {
+			node = waitVPNWarning(t, c, m, "has not approved this node's pod CIDR routes", "tagged key ("+tag+")", "tagOwners",
+				fmt.Sprintf("%q: %s,", clusterCIDR, owner), fmt.Sprintf("%q: %s,", hsClusterCIDR6, owner))
+		}
 		stanza := printedStanza(t, node.VPN.Warning)
 		if err := hs.SetPolicy("{\n" + tagOwners + "\n" + stanza + "\n}\n"); err != nil {
 			t.Fatal(err)
 		}
-		waitApproved(t, c, server)
-		checkNoSecret(t, key, nil, server.proc)
+		waitHSApproved(t, hs, "ts1", "ts2")
+		waitApproved(t, c, server, agent)
+		checkNoSecret(t, key, []*Proc{agent.proc}, server.proc, agent.proc)
 	})
 }
 
@@ -445,13 +486,24 @@ func TestHeadscaleDenyAll(t *testing.T) {
 		c := newCluster(t, lab, overTailnet(hs.Tailnet), withClusterCIDR(hsDualCIDRs))
 		ts1 := hs.Start(lab.Machine("ts1", "198.51.100.10/24", nil, ""))
 		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
+		t.Cleanup(func() {
+			if t.Failed() {
+				for _, ts := range []*TSNode{ts1, ts2} {
+					out, err := ts.CLI("debug", "localapi", "debug-packet-filter-matches")
+					t.Logf("%s's packet filter (err %v):\n%s", ts.Name, err, out)
+					out, err = ts.CLI("status")
+					t.Logf("%s's tailscale status (err %v):\n%s", ts.Name, err, out)
+				}
+				out, err := hs.CLI("nodes", "list-routes")
+				t.Logf("headscale nodes list-routes (err %v):\n%s", err, out)
+			}
+		})
 		server := c.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
 		ips, err := ts1.IPs()
 		if err != nil || len(ips) == 0 {
 			t.Fatalf("ts1's tailnet addresses: %v %v", ips, err)
 		}
-		agent := c.startAgent(ts2.Node, withServerURL("https://"+netip.AddrPortFrom(ips[0], serverPort).String()),
-			withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")))
+		agent := startAgentVia(t, c, ts1, ts2, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")))
 		rule := fmt.Sprintf(`{"action": "accept", "src": [%q, %q, %q], "dst": [%q, %q, %q]}`,
 			hsUserEmail, clusterCIDR, hsClusterCIDR6, hsUserEmail+":*", clusterCIDR+":*", hsClusterCIDR6+":*")
 		node := waitVPNWarning(t, c, server, "the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs", `"acls": []`, rule)
@@ -497,7 +549,8 @@ func TestHeadscaleSecondCluster(t *testing.T) {
 		ts2 := hs.Start(lab.Machine("ts2", "203.0.113.20/24", nil, ""))
 		first := newCluster(t, lab, overTailnet(hs.Tailnet))
 		a := first.startServer(ts1.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts1")))
-		waitApproved(t, first, a)
+		first.waitCNIConfig(a) // its pod CIDR is advertised
+		waitHSApproved(t, hs, "ts1")
 		second := newCluster(t, lab, overTailnet(hs.Tailnet))
 		b := second.startServer(ts2.Node, withVPNAuth(vpnAuth(hs.Tailnet, hs.AuthKey, "ts2")), noWait())
 		log := waitExit(t, b.proc, 2*joinTimeout)

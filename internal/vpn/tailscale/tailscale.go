@@ -177,21 +177,37 @@ func (c *Client) State(ctx context.Context) (vpn.State, error) {
 }
 
 // filter reads the node's inbound packet filter (the compiled rules of the
-// tailnet policy) through tailscaled's debug LocalAPI. ok is false when it
-// cannot be read (an older tailscale, no netmap yet): the caller then
-// knows nothing about the policy.
+// tailnet policy) through tailscaled's debug LocalAPI: the live filter of
+// the current netmap (action current-netmap), or, from a tailscale without
+// that action, debug-packet-filter-matches (which in tailscale 1.102 can
+// lag behind: a filter that control sends as a delta update is applied but
+// not shown there). ok is false when it cannot be read (no netmap yet):
+// the caller then knows nothing about the policy.
 func (c *Client) filter(ctx context.Context) (rules []vpn.Rule, ok bool) {
-	out, err := c.run(ctx, commandTimeout, "debug", "localapi", "debug-packet-filter-matches")
+	out, err := c.run(ctx, commandTimeout, "debug", "localapi", "POST", "debug?action=current-netmap")
+	if err == nil {
+		rules, err = parseNetmapFilter(out)
+	} else if out, err = c.run(ctx, commandTimeout, "debug", "localapi", "debug-packet-filter-matches"); err == nil {
+		rules, err = parseFilterMatches(out)
+	}
 	if err != nil {
 		c.log.Debug("cannot read tailscale's packet filter", "err", err)
 		return nil, false
 	}
-	rules, err = parseFilterMatches(out)
-	if err != nil {
-		c.log.Debug("cannot parse tailscale's packet filter", "err", err)
-		return nil, false
-	}
 	return rules, true
+}
+
+// parseNetmapFilter parses the packet filter out of a netmap as LocalAPI's
+// debug action current-netmap prints it.
+func parseNetmapFilter(b []byte) ([]vpn.Rule, error) {
+	var nm struct{ PacketFilter json.RawMessage }
+	if err := json.Unmarshal(b, &nm); err != nil {
+		return nil, fmt.Errorf("parse tailscale's netmap: %w", err)
+	}
+	if len(nm.PacketFilter) == 0 {
+		return nil, nil // no filter: nothing may come in
+	}
+	return parseFilterMatches(nm.PacketFilter)
 }
 
 // filterMatch is the part of tailscale's filter.Match (as LocalAPI's

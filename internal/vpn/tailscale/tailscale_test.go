@@ -107,6 +107,32 @@ func TestParseFilterMatches(t *testing.T) {
 	}
 }
 
+func TestParseNetmapFilter(t *testing.T) {
+	rules, err := parseNetmapFilter([]byte(`{"SelfNode": {"ID": 1}, "PacketFilter": ` + filterJSON + `, "Peers": []}`))
+	if err != nil || len(rules) != 1 || len(rules[0].Dsts) != 2 {
+		t.Errorf("rules %+v, err %v", rules, err)
+	}
+	for _, none := range []string{`{"PacketFilter": null}`, `{"PacketFilter": []}`, `{}`} {
+		if rules, err := parseNetmapFilter([]byte(none)); err != nil || len(rules) != 0 {
+			t.Errorf("%s: rules %v, err %v; want none", none, rules, err)
+		}
+	}
+	for _, bad := range []string{"", "[]", `{"PacketFilter": {}}`, "no netmap"} {
+		if _, err := parseNetmapFilter([]byte(bad)); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
+
+func FuzzParseNetmapFilter(f *testing.F) {
+	for _, s := range []string{`{"PacketFilter": ` + filterJSON + `}`, `{}`, `{"PacketFilter": null}`, "null", "{"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_, _ = parseNetmapFilter(b) // must not panic
+	})
+}
+
 func FuzzParseFilterMatches(f *testing.F) {
 	for _, s := range []string{filterJSON, "null", "[]", `[{"Dsts":[{"Net":"10.0.0.0/8"}]}]`, `[{"Srcs":null,"Dsts":null}]`, "{"} {
 		f.Add([]byte(s))
