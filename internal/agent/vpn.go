@@ -122,7 +122,7 @@ func deniesAll(st vpn.State) bool {
 }
 
 func denyAllWarning(owner string) string {
-	return "the tailnet policy lets no traffic at all reach this node: its packet filter (tailscale debug localapi debug-packet-filter-matches) is empty, so no other node, and no server reached over the tailnet, can reach it. " +
+	return "the tailnet policy lets no traffic at all reach this node: its packet filter (what the policy lets in; tailscale debug localapi POST 'debug?action=current-netmap' shows it as PacketFilter) is empty, so no other node, and no server reached over the tailnet, can reach it. " +
 		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g. the rule below, and their pods (the nodes print a rule with the cluster CIDRs once they have joined):\n" +
 		aclRule(nil, owner)
 }
@@ -356,7 +356,7 @@ func policyDenied(st vpn.State, routes, cidrs []netip.Prefix) []netip.Prefix {
 }
 
 func policyWarning(denied, cidrs []netip.Prefix, owner string) string {
-	return fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs %s: the node's packet filter (tailscale debug localapi debug-packet-filter-matches) has no rule for them, so pods on other nodes can never reach its pods. "+
+	return fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs %s: the node's packet filter (what the policy lets in; tailscale debug localapi POST 'debug?action=current-netmap' shows it as PacketFilter) has no rule for them, so pods on other nodes can never reach its pods. "+
 		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes and pods in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g.:\n%s",
 		joinPrefixList(denied), aclRule(cidrs, owner))
 }
