@@ -77,6 +77,14 @@ func dualStackOverTailnet(t *testing.T, lab *Lab, tn *Tailnet, hs *Headscale) {
 	agent2 := c.startAgent(ts2.Node, withServerURL(serverURL), withFlags("--vpn-auth-file", authFile))
 	agent3 := c.startAgent(ts3.Node, withServerURL(serverURL), withEnv("TRELLIS_VPN_AUTH="+vpnAuth(tn, tn.AuthKey, "ts3")))
 	three := []*member{server, agent2, agent3}
+	t.Cleanup(func() {
+		if t.Failed() { // what each node's tailscale says of itself and its peers
+			for _, ts := range []*TSNode{ts1, ts2, ts3} {
+				out, err := ts.CLI("status", "--json")
+				t.Logf("%s: tailscale status --json (err %v):\n%s", ts.Name, err, out)
+			}
+		}
+	})
 
 	// server start → first ping from its pod to another node's pod, per
 	// family (the measurement the docs quote).
