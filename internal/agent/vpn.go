@@ -281,7 +281,7 @@ func (l *loop) vpnObserve(st vpn.State, now time.Time) {
 	for _, r := range v.routes {
 		approved = approved && slices.Contains(st.Approved, r)
 	}
-	s := &api.VPNStatus{Provider: v.p.Name(), Routes: slices.Clone(v.routes), RoutesApproved: approved, Serving: servingMembers(st, l.members, v.addrs)}
+	s := &api.VPNStatus{Provider: v.p.Name(), Routes: slices.Clone(v.routes), RoutesApproved: approved, ServedRoutes: servedRoutes(st, v.cidrs)}
 	switch {
 	case approved && !v.approved:
 		l.log.Info("the VPN approved the pod CIDR routes; pods on other nodes can reach this node's pods", "routes", v.routes, "after", now.Sub(v.since).Round(100*time.Millisecond))
@@ -305,27 +305,25 @@ func (l *loop) vpnObserve(st vpn.State, now time.Time) {
 	v.status = s
 }
 
-// servingMembers returns the names of the cluster members (but this node,
-// whose VPN addresses are self) whose pod CIDRs the VPN routes to them as
-// this node sees it: a peer with one of the member's addresses serves
-// every one of its pod CIDRs. Sorted.
-func servingMembers(st vpn.State, members []api.Member, self []netip.Addr) []string {
-	var out []string
-	for _, m := range members {
-		if len(m.PodCIDRs) == 0 || slices.ContainsFunc(m.InternalIPs, func(a netip.Addr) bool { return slices.Contains(self, a) }) {
-			continue
-		}
-		for _, p := range st.Peers {
-			if !slices.ContainsFunc(p.Addrs, func(a netip.Addr) bool { return slices.Contains(m.InternalIPs, a) }) {
-				continue
+// servedRoutes returns the routes inside the cluster CIDRs that the VPN
+// routes to other nodes as this node sees it (its peers' routes), sorted
+// and without duplicates.
+func servedRoutes(st vpn.State, cidrs []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range st.Peers {
+		for _, r := range p.Routes {
+			inside := slices.ContainsFunc(cidrs, func(c netip.Prefix) bool { return c.Bits() <= r.Bits() && c.Contains(r.Addr()) })
+			if inside && !slices.Contains(out, r) {
+				out = append(out, r)
 			}
-			if !slices.ContainsFunc(m.PodCIDRs, func(c netip.Prefix) bool { return !slices.Contains(p.Routes, c) }) {
-				out = append(out, m.Name)
-			}
-			break
 		}
 	}
-	slices.Sort(out)
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
 	return out
 }
 

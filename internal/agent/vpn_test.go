@@ -186,24 +186,21 @@ func TestStanzaOwner(t *testing.T) {
 	}
 }
 
-func TestServingMembers(t *testing.T) {
+func TestServedRoutes(t *testing.T) {
 	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
-	self := []netip.Addr{a("100.64.0.1")}
-	members := []api.Member{
-		{Name: "n1", InternalIPs: self, PodCIDRs: pfx("10.42.0.0/24", "fd00:42::/64")},
-		{Name: "n2", InternalIPs: []netip.Addr{a("100.64.0.2"), a("fd7a::2")}, PodCIDRs: pfx("10.42.1.0/24", "fd00:42:0:1::/64")},
-		{Name: "n3", InternalIPs: []netip.Addr{a("100.64.0.3")}, PodCIDRs: pfx("10.42.2.0/24", "fd00:42:0:2::/64")},
-		{Name: "n4", InternalIPs: []netip.Addr{a("100.64.0.4")}, PodCIDRs: pfx("10.42.3.0/24")},
-		{Name: "n5", InternalIPs: []netip.Addr{a("100.64.0.5")}}, // no pod CIDR yet
-	}
+	cidrs := pfx("10.42.0.0/16", "fd00:42::/56")
 	st := vpn.State{Peers: []vpn.Peer{
-		{Name: "n2", Addrs: []netip.Addr{a("fd7a::2")}, Routes: pfx("10.42.1.0/24", "fd00:42:0:1::/64")}, // both families
-		{Name: "n3", Addrs: []netip.Addr{a("100.64.0.3")}, Routes: pfx("10.42.2.0/24")},                  // IPv6 missing
-		{Name: "n4", Addrs: []netip.Addr{a("100.64.0.4")}, Routes: pfx("10.42.3.0/24", "10.99.0.0/16")},  // extra route is fine
+		{Name: "n2", Addrs: []netip.Addr{a("fd7a::2")}, Routes: pfx("fd00:42:0:1::/64", "10.42.1.0/24")},
+		{Name: "n3", Addrs: []netip.Addr{a("100.64.0.3")}, Routes: pfx("10.42.2.0/24", "10.99.0.0/16")}, // 10.99/16 is not the cluster's
+		{Name: "wide", Addrs: []netip.Addr{a("100.64.0.9")}, Routes: pfx("10.0.0.0/8")},                 // wider than the cluster CIDR
+		{Name: "dup", Addrs: []netip.Addr{a("100.64.0.4")}, Routes: pfx("10.42.1.0/24")},
 		{Name: "n5", Addrs: []netip.Addr{a("100.64.0.5")}},
-		{Name: "x", Addrs: []netip.Addr{a("100.64.0.9")}, Routes: pfx("10.42.0.0/24")},
 	}}
-	if got := servingMembers(st, members, self); !slices.Equal(got, []string{"n2", "n4"}) {
-		t.Errorf("servingMembers = %v, want [n2 n4]", got)
+	want := pfx("10.42.1.0/24", "10.42.2.0/24", "fd00:42:0:1::/64")
+	if got := servedRoutes(st, cidrs); !slices.Equal(got, want) {
+		t.Errorf("servedRoutes = %v, want %v", got, want)
+	}
+	if got := servedRoutes(vpn.State{}, cidrs); got != nil {
+		t.Errorf("no peers: %v", got)
 	}
 }

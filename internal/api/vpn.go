@@ -24,13 +24,13 @@ type VPNStatus struct {
 	// headscale's "acls": []) lets no traffic from the cluster reach its
 	// pod CIDRs, approved or not.
 	PolicyDenies bool `json:"policyDenies,omitempty"`
-	// Serving are the other cluster members (by name) whose pod CIDRs
-	// this node's VPN routes to them: the control server approved those
-	// members' routes, whatever the members' own view says (headscale
-	// v0.28 does not always tell a node that its routes were approved).
-	// The server counts a member's routes approved when another node
-	// lists it here.
-	Serving []string `json:"serving,omitempty"`
+	// ServedRoutes are the routes inside the cluster CIDRs that this
+	// node's VPN routes to other VPN nodes: the control server approved
+	// them, whatever the nodes that advertise them see themselves
+	// (headscale v0.28 does not always tell a node that its routes were
+	// approved). The server counts a node's routes approved when another
+	// node lists them all here.
+	ServedRoutes []netip.Prefix `json:"servedRoutes,omitempty"`
 	// Warning says what is wrong and what to do (for unapproved routes:
 	// the autoApprovers stanza to add to the tailnet policy).
 	Warning string `json:"warning,omitempty"`
