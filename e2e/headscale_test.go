@@ -406,36 +406,6 @@ func waitHSApproved(t *testing.T, hs *Headscale, names ...string) {
 	})
 }
 
-// waitApprovedAfterReload waits until trellis nodes shows the routes of ms
-// approved after a policy reload (SIGHUP). headscale v0.28.0 does not
-// always send the routes a reload approved to every peer (the pods behind
-// them are then unreachable from that peer, and trellis nodes rightly says
-// so); if they are not shown within 20 s the test logs it and restarts
-// headscale, after which every node gets a full map, and waits again.
-func waitApprovedAfterReload(t *testing.T, c *cluster, hs *Headscale, ms ...*member) {
-	t.Helper()
-	err := Poll(20*time.Second, func() error {
-		nodes, err := c.nodes()
-		if err != nil {
-			return err
-		}
-		for _, m := range ms {
-			if v := nodes[m.Name].VPN; v == nil || !v.RoutesApproved || v.Warning != "" {
-				return fmt.Errorf("%s: vpn status %+v", m.Name, v)
-			}
-		}
-		return nil
-	})
-	if err == nil {
-		return
-	}
-	t.Logf("measured: headscale %s: 20 s after the policy reload the routes it approved had not reached every peer (%v); restarting headscale", hs.Version, err)
-	if err := hs.Restart(); err != nil {
-		t.Fatal(err)
-	}
-	waitApproved(t, c, ms...)
-}
-
 // TestHeadscaleApproverMatchesNoUser: the policy's approver names no
 // headscale user (a typo: headscale says nothing, the routes stay
 // unapproved). After --vpn-route-approval-timeout the nodes say so, in
@@ -470,7 +440,7 @@ func TestHeadscaleApproverMatchesNoUser(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitHSApproved(t, hs, "ts1", "ts2")
-		waitApprovedAfterReload(t, c, hs, server, agent)
+		waitApproved(t, c, server, agent)
 	})
 }
 
@@ -506,7 +476,7 @@ func TestHeadscaleTaggedKey(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitHSApproved(t, hs, "ts1", "ts2")
-		waitApprovedAfterReload(t, c, hs, server, agent)
+		waitApproved(t, c, server, agent)
 		checkNoSecret(t, key, []*Proc{agent.proc}, server.proc, agent.proc)
 	})
 }
@@ -573,7 +543,7 @@ func TestHeadscaleDenyAll(t *testing.T) {
 		for _, m := range two {
 			c.attachPod(m)
 		}
-		waitApprovedAfterReload(t, c, hs, two...)
+		waitApproved(t, c, two...)
 		c.checkPods("after the printed rule was added to the policy", two, two, meshTimeout)
 	})
 }
