@@ -117,6 +117,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	m := newAgentMetrics(cfg.Metrics)
 	ssc.OnJoin = m.joined
+	if vc != nil {
+		ssc.WaitHint = vc.joinHint
+	}
 	src := newServerSource(ssc, api.Report{InternalIPs: addrs.Internal, Networks: addrs.Networks, ExternalIPs: cfg.ExternalIPs})
 	d.source, d.joined, d.servers = src, src.Joined(), src.servers
 	a := newAgent(cfg, log, vc, id.publicKey, d)
@@ -251,6 +254,9 @@ func sleep(ctx context.Context, d time.Duration) error {
 type waitLog struct {
 	log  *slog.Logger
 	what string
+	// hint, if set, may say why the wait fails; asked only when the wait
+	// is logged.
+	hint func() string
 	next time.Time
 	gap  time.Duration
 }
@@ -260,7 +266,13 @@ func (w *waitLog) failed(err error) {
 	if now.Before(w.next) {
 		return
 	}
-	w.log.Warn("waiting for "+w.what, "err", err)
+	args := []any{"err", err}
+	if w.hint != nil {
+		if h := w.hint(); h != "" {
+			args = append(args, "hint", h)
+		}
+	}
+	w.log.Warn("waiting for "+w.what, args...)
 	if w.gap == 0 {
 		w.gap = 5 * time.Second
 	} else {

@@ -56,6 +56,9 @@ type serverSourceConfig struct {
 	ListenPort uint16
 	Relay      bool
 	Members    bool // ask for the cluster's members at join (VPN carrier)
+	// WaitHint, if set, may say why the server cannot be reached (the
+	// VPN carrier: a tailnet policy that denies everything).
+	WaitHint func() string
 	// Dir returns a path in the agent's data dir: the CA, the node
 	// certificate and key and the server list are kept there.
 	Dir    func(parts ...string) string
@@ -144,7 +147,7 @@ func (s *serverSource) Run(ctx context.Context, out *Mailbox[Update]) error {
 // joinUntilDone fetches and checks the CA, then joins, retrying network
 // errors forever and moving to another server after each failure.
 func (s *serverSource) joinUntilDone(ctx context.Context) (*client.Client, []api.Member, error) {
-	wl := &waitLog{log: s.log, what: "the server at " + s.cfg.ServerURL}
+	wl := &waitLog{log: s.log, what: "the server at " + s.cfg.ServerURL, hint: s.cfg.WaitHint}
 	for n := 0; ; n++ {
 		c, members, err := s.join(ctx)
 		if err == nil {
@@ -233,7 +236,7 @@ func (s *serverSource) join(ctx context.Context) (*client.Client, []api.Member, 
 // every netmap to out. It returns nil when ctx ends, ErrDeleted, or an
 // error when the server no longer accepts this credential.
 func (s *serverSource) follow(ctx context.Context, c *client.Client, members []api.Member, out *Mailbox[Update]) error {
-	wl := &waitLog{log: s.log, what: "the netmap stream from " + s.cfg.ServerURL}
+	wl := &waitLog{log: s.log, what: "the netmap stream from " + s.cfg.ServerURL, hint: s.cfg.WaitHint}
 	connected := false
 	var last *api.NetMap // as the server sent it, for the next stream to resume from
 	var version int64

@@ -58,9 +58,10 @@ type vpnCarrier struct {
 	since      time.Time      // when they were advertised
 	next       time.Time      // next check
 	approved   bool
-	warned     bool
+	warned     string         // the kind of warning logged last ("" none, "approval", "policy")
 	cidrs      []netip.Prefix // cluster CIDRs
 	loginName  string
+	tags       []string       // the node's tags on the VPN (a tagged join key)
 	status     *api.VPNStatus // last status reported
 }
 
@@ -95,7 +96,47 @@ func vpnUp(ctx context.Context, cfg *Config, log *slog.Logger) (*vpnCarrier, err
 	}
 	cfg.NodeIPs = addrs
 	log.Info("VPN up; its addresses are the node IPs", "vpn", cfg.VPN.Name(), "addresses", addrs, "took", time.Since(start).Round(time.Millisecond))
-	return &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName}, nil
+	v := &vpnCarrier{p: cfg.VPN, addrs: addrs, statePath: cfg.dir(vpnStateFile), approvalTimeout: cfg.RouteApprovalTimeout, loginName: st.LoginName, tags: slices.Clone(st.Tags)}
+	if deniesAll(st) {
+		log.Warn(denyAllWarning(stanzaOwner(st.LoginName, st.Tags)))
+	}
+	return v, nil
+}
+
+// deniesAll reports whether the VPN's packet filter, when known, lets no
+// traffic at all reach the node's VPN addresses.
+func deniesAll(st vpn.State) bool {
+	if !st.FilterKnown {
+		return false
+	}
+	for _, a := range st.Addrs {
+		any := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		if a.Is6() {
+			any = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		if vpn.Admits(st.Filter, []netip.Prefix{any}, netip.PrefixFrom(a, a.BitLen())) {
+			return false
+		}
+	}
+	return true
+}
+
+func denyAllWarning(owner string) string {
+	return "the tailnet policy lets no traffic at all reach this node: its packet filter (what the policy lets in; tailscale debug localapi POST 'debug?action=current-netmap' shows it as PacketFilter) is empty, so no other node, and no server reached over the tailnet, can reach it. " +
+		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g. the rule below, and their pods (the nodes print a rule with the cluster CIDRs once they have joined):\n" +
+		aclRule(nil, owner)
+}
+
+// joinHint says, while the agent waits for its server, that the tailnet
+// policy denies all traffic to this node, if it does now.
+func (v *vpnCarrier) joinHint() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := v.p.State(ctx)
+	if err != nil || !deniesAll(st) {
+		return ""
+	}
+	return "the tailnet policy lets no traffic reach this node (\"acls\": [] denies everything), so the server cannot answer over the tailnet; see the warning at start"
 }
 
 // recordKernelRoutes adds prefixes to the kernel routes the VPN record
@@ -157,7 +198,7 @@ func (l *loop) advertise(ctx context.Context, podCIDRs []netip.Prefix) error {
 		return err
 	}
 	if !slices.Equal(v.routes, podCIDRs) || !v.approved {
-		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(podCIDRs), time.Now(), time.Time{}, false, false
+		v.routes, v.since, v.next, v.approved, v.warned = slices.Clone(podCIDRs), time.Now(), time.Time{}, false, ""
 	}
 	v.cidrs = slices.Clone(cidrs)
 	if st.LoginName != "" {
@@ -240,37 +281,135 @@ func (l *loop) vpnObserve(st vpn.State, now time.Time) {
 	for _, r := range v.routes {
 		approved = approved && slices.Contains(st.Approved, r)
 	}
-	s := &api.VPNStatus{Provider: v.p.Name(), Routes: slices.Clone(v.routes), RoutesApproved: approved}
+	s := &api.VPNStatus{Provider: v.p.Name(), Routes: slices.Clone(v.routes), RoutesApproved: approved, ServedRoutes: servedRoutes(st, v.cidrs)}
 	switch {
 	case approved && !v.approved:
 		l.log.Info("the VPN approved the pod CIDR routes; pods on other nodes can reach this node's pods", "routes", v.routes, "after", now.Sub(v.since).Round(100*time.Millisecond))
 	case !approved && v.approved:
 		l.log.Warn("the VPN no longer routes this node's pod CIDRs to it", "routes", v.routes, "approved", st.Approved)
 	}
-	if !approved && now.Sub(v.since) >= v.approvalTimeout {
-		s.Warning = unapprovedWarning(v.routes, now.Sub(v.since), v.cidrs, v.loginName)
-		if !v.warned {
-			l.log.Warn(s.Warning)
-			v.warned = true
+	v.tags = slices.Clone(st.Tags)
+	kind := ""
+	if after := now.Sub(v.since); after >= v.approvalTimeout {
+		if denied := policyDenied(st, v.routes, v.cidrs); len(denied) > 0 {
+			kind, s.Warning, s.PolicyDenies = "policy", policyWarning(denied, v.cidrs, stanzaOwner(v.loginName, v.tags)), true
+		} else if !approved {
+			kind, s.Warning = "approval", unapprovedWarning(v.routes, after, v.cidrs, v.loginName, v.tags)
 		}
 	}
+	if kind != "" && kind != v.warned {
+		l.log.Warn(s.Warning)
+	}
+	v.warned = kind
 	v.approved = approved
 	v.status = s
 }
 
-func unapprovedWarning(routes []netip.Prefix, after time.Duration, cidrs []netip.Prefix, owner string) string {
-	return fmt.Sprintf("the tailnet has not approved this node's pod CIDR routes %s after %v, so other nodes cannot reach its pods. "+
-		"Approve them in the admin console (Machines, this node, Edit route settings), or let the control server approve every node's routes by adding to the tailnet policy file (headscale: its ACL policy):\n%s",
-		joinPrefixList(routes), after.Round(time.Second), AutoApproversStanza(cidrs, owner))
+// servedRoutes returns the routes inside the cluster CIDRs that the VPN
+// routes to other nodes as this node sees it (its peers' routes), sorted
+// and without duplicates.
+func servedRoutes(st vpn.State, cidrs []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range st.Peers {
+		for _, r := range p.Routes {
+			inside := slices.ContainsFunc(cidrs, func(c netip.Prefix) bool { return c.Bits() <= r.Bits() && c.Contains(r.Addr()) })
+			if inside && !slices.Contains(out, r) {
+				out = append(out, r)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return out
+}
+
+// policyDenied returns the routes (pod CIDRs) that the VPN's packet filter
+// lets no traffic from the cluster (a cluster CIDR of the route's family)
+// reach: the tailnet policy denies them. Nothing when the filter is
+// unknown.
+func policyDenied(st vpn.State, routes, cidrs []netip.Prefix) []netip.Prefix {
+	if !st.FilterKnown {
+		return nil
+	}
+	var denied []netip.Prefix
+	for _, r := range routes {
+		var srcs []netip.Prefix
+		for _, c := range cidrs {
+			if c.Addr().Is4() == r.Addr().Is4() {
+				srcs = append(srcs, c)
+			}
+		}
+		if len(srcs) == 0 {
+			srcs = []netip.Prefix{r}
+		}
+		if !vpn.Admits(st.Filter, srcs, r) {
+			denied = append(denied, r)
+		}
+	}
+	return denied
+}
+
+func policyWarning(denied, cidrs []netip.Prefix, owner string) string {
+	return fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach this node's pod CIDRs %s: the node's packet filter (what the policy lets in; tailscale debug localapi POST 'debug?action=current-netmap' shows it as PacketFilter) has no rule for them, so pods on other nodes can never reach its pods. "+
+		"An empty acls list (\"acls\": []) denies everything. Allow the cluster's nodes and pods in the policy's acls (headscale: its policy file, then SIGHUP; a policy with no acls key at all allows everything), e.g.:\n%s",
+		joinPrefixList(denied), aclRule(cidrs, owner))
+}
+
+// aclRule is a tailnet policy ACL rule that lets the cluster's nodes (those
+// of owner, a user or tag) and pods (the cluster CIDRs) reach each other.
+func aclRule(cidrs []netip.Prefix, owner string) string {
+	var src, dst []string
+	if owner != "" {
+		src, dst = append(src, fmt.Sprintf("%q", owner)), append(dst, fmt.Sprintf("%q", owner+":*"))
+	}
+	for _, c := range cidrs {
+		src = append(src, fmt.Sprintf("%q", c.String()))
+		dst = append(dst, fmt.Sprintf("%q", c.String()+":*"))
+	}
+	return fmt.Sprintf(`{"action": "accept", "src": [%s], "dst": [%s]}`, strings.Join(src, ", "), strings.Join(dst, ", "))
+}
+
+// stanzaOwner is who a policy stanza names for this node: its first tag
+// if it is tagged, else its login name with '@' added where it has none
+// (headscale's policy names a user as "name@"); empty if unknown.
+func stanzaOwner(login string, tags []string) string {
+	switch {
+	case len(tags) > 0:
+		return tags[0]
+	case login == "":
+		return ""
+	case !strings.Contains(login, "@") && !strings.Contains(login, ":"):
+		return login + "@"
+	}
+	return login
+}
+
+func unapprovedWarning(routes []netip.Prefix, after time.Duration, cidrs []netip.Prefix, owner string, tags []string) string {
+	tagged := ""
+	if len(tags) > 0 {
+		tagged = fmt.Sprintf("This node joined with a tagged key (%s): the control server approves a tagged node's routes only for an approver that names its tag (headscale: a user approver never matches a tagged node), so the stanza names the tag; the policy's tagOwners must list it too. ",
+			strings.Join(tags, ","))
+	}
+	return fmt.Sprintf("the tailnet has not approved this node's pod CIDR routes %s after %v, so other nodes cannot reach its pods. %s"+
+		"Approve them in the admin console (Machines, this node, Edit route settings; headscale: headscale nodes approve-routes), or let the control server approve every node's routes by adding to the tailnet policy file (headscale: its policy file, then reload it with SIGHUP):\n%s",
+		joinPrefixList(routes), after.Round(time.Second), tagged, AutoApproversStanza(cidrs, stanzaOwner(owner, tags)))
 }
 
 // AutoApproversStanza is the tailnet policy stanza that approves routes
 // inside the cluster CIDRs automatically, as the K3s documentation shows
 // it. owner is the user or tag the nodes log in as; empty gives a
-// placeholder.
+// placeholder. A user name without '@' (a headscale user created without
+// an e-mail) gets one: headscale's policy names users as "name@".
 func AutoApproversStanza(cidrs []netip.Prefix, owner string) string {
-	if owner == "" {
+	switch {
+	case owner == "":
 		owner = "your_account@xyz.com"
+	case !strings.Contains(owner, "@") && !strings.Contains(owner, ":"):
+		owner += "@" // not tag:x, group:x, autogroup:x
 	}
 	var b strings.Builder
 	b.WriteString("\"autoApprovers\": {\n\"routes\": {\n")

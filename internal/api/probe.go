@@ -58,6 +58,7 @@ const (
 	CheckRelayDown     = "relay down"
 	CheckMTUBlackHole  = "MTU black hole"
 	CheckRouteNotAppr  = "route not approved"
+	CheckPolicyDenies  = "policy denies"
 	CheckNoPath        = "no path"
 	CheckUnreachable   = "node unreachable"
 	CheckNoReply       = "no reply"

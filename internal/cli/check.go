@@ -182,6 +182,11 @@ func evaluatePair(in CheckInput, byName map[string]api.Node, paths map[string]ap
 	}
 	// Nothing came back: find the most likely reason.
 	for _, n := range []api.Node{b, a} {
+		if n.VPN != nil && n.VPN.PolicyDenies {
+			return fail(api.CheckPolicyDenies, fmt.Sprintf("the tailnet policy lets no traffic from the cluster reach %s's pod CIDRs %s (an empty \"acls\" list denies everything): allow it in the policy's acls; 'trellis nodes' prints a rule to add", n.Name, joinPrefixes(n.VPN.Routes)))
+		}
+	}
+	for _, n := range []api.Node{b, a} {
 		if n.VPN != nil && !n.VPN.RoutesApproved {
 			return fail(api.CheckRouteNotAppr, fmt.Sprintf("the VPN has not approved %s's pod CIDR routes %s, so traffic for them goes nowhere: approve them, or add the autoApprovers stanza that 'trellis nodes' prints", n.Name, joinPrefixes(n.VPN.Routes)))
 		}

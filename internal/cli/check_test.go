@@ -112,6 +112,10 @@ func TestEvaluateReasons(t *testing.T) {
 			lose(*in, "a2", "a3", false)
 			in.Nodes[2].VPN = &api.VPNStatus{Provider: "tailscale", RoutesApproved: false}
 		}, "a2", "a3", api.CheckRouteNotAppr},
+		{"policy denies", func(in *CheckInput) {
+			lose(*in, "a2", "a3", false)
+			in.Nodes[2].VPN = &api.VPNStatus{Provider: "tailscale", RoutesApproved: false, PolicyDenies: true}
+		}, "a2", "a3", api.CheckPolicyDenies},
 		{"unreachable", func(in *CheckInput) {
 			in.Statuses["a2"] = nil
 			in.StatusErrs["a2"] = errors.New("tunnel down")

@@ -508,7 +508,9 @@ func sameNode(a, b *api.Node) bool {
 }
 
 func (s *Server) handleListNodes(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, s.withTunnels(s.hub.nodesWithStatus()))
+	nodes := s.withTunnels(s.hub.nodesWithStatus())
+	approvedByPeers(nodes)
+	writeJSON(w, http.StatusOK, nodes)
 }
 
 func (s *Server) handleDeleteNode(w http.ResponseWriter, r *http.Request) {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"net/netip"
 	"slices"
 	"unicode/utf8"
 
@@ -26,6 +27,13 @@ func validateVPNStatus(v *api.VPNStatus) error {
 		return errors.New("vpn: too many routes")
 	case len(v.Warning) > maxVPNWarning || !utf8.ValidString(v.Warning):
 		return errors.New("vpn: warning is too long or not UTF-8")
+	case len(v.ServedRoutes) > maxVPNServed:
+		return errors.New("vpn: too many served routes")
+	}
+	for _, p := range v.ServedRoutes {
+		if !p.IsValid() || p.Bits() == 0 {
+			return errors.New("vpn: a served route is not a valid subnet")
+		}
 	}
 	for _, p := range v.Routes {
 		if !p.IsValid() || p.Bits() == 0 {
@@ -33,6 +41,37 @@ func validateVPNStatus(v *api.VPNStatus) error {
 		}
 	}
 	return nil
+}
+
+// maxVPNServed bounds VPNStatus.ServedRoutes: the pod CIDRs a node sees
+// (two per node of a dual-stack cluster).
+const maxVPNServed = 20000
+
+// approvedByPeers marks the VPN routes of a node approved when another node
+// routes them all to it (lists them in VPNStatus.ServedRoutes) although
+// the node's own view says they are not: the control server approved them
+// and did not tell the node (headscale v0.28). Its warning about
+// unapproved routes then goes; a policy warning stays. nodes are changed
+// in place (their VPN statuses are replaced, not written to).
+func approvedByPeers(nodes []api.Node) {
+	for i, n := range nodes {
+		if n.VPN == nil || n.VPN.RoutesApproved || len(n.VPN.Routes) == 0 {
+			continue
+		}
+		served := slices.ContainsFunc(nodes, func(o api.Node) bool {
+			return o.Name != n.Name && o.VPN != nil &&
+				!slices.ContainsFunc(n.VPN.Routes, func(r netip.Prefix) bool { return !slices.Contains(o.VPN.ServedRoutes, r) })
+		})
+		if !served {
+			continue
+		}
+		v := *n.VPN
+		v.RoutesApproved = true
+		if !v.PolicyDenies {
+			v.Warning = ""
+		}
+		nodes[i].VPN = &v
+	}
 }
 
 // members lists the cluster's nodes for a node on a VPN carrier, with

@@ -39,6 +39,9 @@ type State struct {
 	// LoginName is the user (or tag owner) the node is logged in as, if
 	// known; it names the owner in the autoApprovers stanza.
 	LoginName string
+	// Tags are the node's tags (e.g. tag:k8s), if it joined with a tagged
+	// key: the control server then knows it by its tags, not by its user.
+	Tags []string
 	// Advertised are the routes the node advertises.
 	Advertised []netip.Prefix
 	// Approved are the node's routes that the control server approved and
@@ -46,6 +49,48 @@ type State struct {
 	Approved []netip.Prefix
 	// Peers are the other nodes of the VPN.
 	Peers []Peer
+	// FilterKnown: Filter is the VPN's packet filter for traffic to this
+	// node. When false the provider could not read it and Filter is empty.
+	FilterKnown bool
+	// Filter are the rules of the node's inbound packet filter (what the
+	// tailnet policy lets in); no rule means nothing may come in.
+	Filter []Rule
+}
+
+// Rule is one rule of a VPN's inbound packet filter: packets from a source
+// in Srcs to a destination in Dsts pass (on some ports and protocols).
+type Rule struct {
+	Srcs []netip.Prefix
+	Dsts []netip.Prefix
+}
+
+// Admits reports whether some rule of filter lets packets from a source
+// that overlaps srcs reach a destination that overlaps dst.
+func Admits(filter []Rule, srcs []netip.Prefix, dst netip.Prefix) bool {
+	for _, r := range filter {
+		if overlapsAny(r.Dsts, dst) && slicesOverlap(r.Srcs, srcs) {
+			return true
+		}
+	}
+	return false
+}
+
+func overlapsAny(ps []netip.Prefix, p netip.Prefix) bool {
+	for _, q := range ps {
+		if q.IsValid() && p.IsValid() && q.Overlaps(p) {
+			return true
+		}
+	}
+	return false
+}
+
+func slicesOverlap(a, b []netip.Prefix) bool {
+	for _, p := range b {
+		if overlapsAny(a, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // Peer is another node of the VPN.

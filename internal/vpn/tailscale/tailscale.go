@@ -170,7 +170,69 @@ func (c *Client) State(ctx context.Context) (vpn.State, error) {
 	if s.Advertised, err = c.advertised(ctx); err != nil {
 		return s, err
 	}
+	if s.Running {
+		s.Filter, s.FilterKnown = c.filter(ctx)
+	}
 	return s, nil
+}
+
+// filter reads the node's inbound packet filter (the compiled rules of the
+// tailnet policy) through tailscaled's debug LocalAPI: the live filter of
+// the current netmap (action current-netmap), or, from a tailscale without
+// that action, debug-packet-filter-matches (which in tailscale 1.102 can
+// lag behind: a filter that control sends as a delta update is applied but
+// not shown there). ok is false when it cannot be read (no netmap yet):
+// the caller then knows nothing about the policy.
+func (c *Client) filter(ctx context.Context) (rules []vpn.Rule, ok bool) {
+	out, err := c.run(ctx, commandTimeout, "debug", "localapi", "POST", "debug?action=current-netmap")
+	if err == nil {
+		rules, err = parseNetmapFilter(out)
+	} else if out, err = c.run(ctx, commandTimeout, "debug", "localapi", "debug-packet-filter-matches"); err == nil {
+		rules, err = parseFilterMatches(out)
+	}
+	if err != nil {
+		c.log.Debug("cannot read tailscale's packet filter", "err", err)
+		return nil, false
+	}
+	return rules, true
+}
+
+// parseNetmapFilter parses the packet filter out of a netmap as LocalAPI's
+// debug action current-netmap prints it.
+func parseNetmapFilter(b []byte) ([]vpn.Rule, error) {
+	var nm struct{ PacketFilter json.RawMessage }
+	if err := json.Unmarshal(b, &nm); err != nil {
+		return nil, fmt.Errorf("parse tailscale's netmap: %w", err)
+	}
+	if len(nm.PacketFilter) == 0 {
+		return nil, nil // no filter: nothing may come in
+	}
+	return parseFilterMatches(nm.PacketFilter)
+}
+
+// filterMatch is the part of tailscale's filter.Match (as LocalAPI's
+// debug-packet-filter-matches prints it) that Trellis reads.
+type filterMatch struct {
+	Srcs []netip.Prefix
+	Dsts []struct{ Net netip.Prefix }
+}
+
+// parseFilterMatches parses the output of `tailscale debug localapi
+// debug-packet-filter-matches`: a JSON list of matches, or null for none.
+func parseFilterMatches(b []byte) ([]vpn.Rule, error) {
+	var ms []filterMatch
+	if err := json.Unmarshal(b, &ms); err != nil {
+		return nil, fmt.Errorf("parse tailscale's packet filter: %w", err)
+	}
+	rules := make([]vpn.Rule, 0, len(ms))
+	for _, m := range ms {
+		r := vpn.Rule{Srcs: slices.Clone(m.Srcs)}
+		for _, d := range m.Dsts {
+			r.Dsts = append(r.Dsts, d.Net)
+		}
+		rules = append(rules, r)
+	}
+	return rules, nil
 }
 
 // AdvertiseRoutes implements vpn.Provider.
@@ -274,6 +336,7 @@ type status struct {
 
 type peerStatus struct {
 	HostName      string
+	Tags          []string
 	UserID        json.Number
 	TailscaleIPs  []netip.Addr
 	AllowedIPs    []netip.Prefix
@@ -309,6 +372,7 @@ func (st *status) state() vpn.State {
 	s := vpn.State{Running: st.BackendState == stateRunning, Addrs: slices.Clone(st.TailscaleIPs)}
 	if st.Self != nil {
 		s.Approved = st.Self.routes()
+		s.Tags = slices.Clone(st.Self.Tags)
 		if u, ok := st.User[st.Self.UserID.String()]; ok {
 			s.LoginName = u.LoginName
 		}
