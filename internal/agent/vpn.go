@@ -110,11 +110,11 @@ func deniesAll(st vpn.State) bool {
 		return false
 	}
 	for _, a := range st.Addrs {
-		any := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		everyone := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 		if a.Is6() {
-			any = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+			everyone = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 		}
-		if vpn.Admits(st.Filter, []netip.Prefix{any}, netip.PrefixFrom(a, a.BitLen())) {
+		if vpn.Admits(st.Filter, []netip.Prefix{everyone}, netip.PrefixFrom(a, a.BitLen())) {
 			return false
 		}
 	}
