@@ -39,6 +39,9 @@ type faultKind struct {
 	// datastore keeps its majority.
 	server bool
 	make   func(target string) fault
+	// scope names the nodes whose pod pairs a fault on target disturbs
+	// (nil: every node).
+	scope func(target string) []string
 }
 
 // plannedFault is one entry of the schedule.

@@ -52,6 +52,9 @@ type joinRec struct {
 	rejected bool
 	started  time.Time
 	dataDir  string
+	// restarted: after its delete and its token's revocation, its agent
+	// was started again with its data directory; it must stay out.
+	restarted bool
 }
 
 // writer is the operator under chaos.
@@ -178,7 +181,18 @@ func (w *writer) step(ctx context.Context) {
 			break
 		}
 	}
+	var comeback *joinRec
+	for _, j := range w.joins {
+		if j.deleted && j.token.revoked && !j.restarted && !j.rejected && !j.sp.busy {
+			comeback = j
+			break
+		}
+	}
 	w.mu.Unlock()
+	if comeback != nil && w.r.IntN(3) == 0 {
+		w.restartDeleted(ctx, comeback)
+		return
+	}
 
 	switch x := w.r.IntN(100); {
 	case x < 25 || len(live) == 0:
@@ -346,6 +360,25 @@ func (w *writer) deleteNode(ctx context.Context, j *joinRec) {
 	w.record("node delete", 0, j.name)
 	sleepUntil(ctx, time.Now().Add(10*time.Second))
 	_ = j.proc.Stop()
+	w.mu.Lock()
+	j.sp.busy = false
+	w.mu.Unlock()
+}
+
+// restartDeleted starts the agent of deleted node j again, with its data
+// directory (its node password and keys) and its revoked token: it must
+// not get back in.
+func (w *writer) restartDeleted(ctx context.Context, j *joinRec) {
+	w.mu.Lock()
+	j.sp.busy, j.restarted = true, true
+	w.mu.Unlock()
+	if err := j.proc.Start(); err != nil {
+		w.record("restart deleted node", 1, fmt.Sprintf("%s: %v", j.name, err))
+	} else {
+		sleepUntil(ctx, time.Now().Add(15*time.Second))
+		_ = j.proc.Stop()
+		w.record("restart deleted node", 0, j.name+" (its token "+j.token.desc+" revoked)")
+	}
 	w.mu.Lock()
 	j.sp.busy = false
 	w.mu.Unlock()

@@ -95,6 +95,16 @@ func TestMeshTimeline(t *testing.T) {
 	if _, ok, down := tl.wholeAfter(at(41), 3*time.Second); ok || !slices.Equal(down, []string{"b→a/tcp"}) {
 		t.Errorf("after 41s: whole %v, down %v; want not whole, b→a down", ok, down)
 	}
+	// Scoped to node a: only a's pairs count (b→c is down and ignored).
+	scoped := append(slices.Clone(evs), pairEvent{at(0), "a→c/tcp", true}, pairEvent{at(0), "c→a/tcp", true}, pairEvent{at(30), "b→c/tcp", false})
+	sc := newMeshTimeline(scoped, 0).scoped([]string{"c"}, []string{"a", "b", "c"})
+	if _, ok, _ := sc.wholeAfter(at(5), time.Second); ok {
+		t.Error("c's pairs whole though b↔c and the UDP pairs were never seen")
+	}
+	sc = newMeshTimeline(slices.Clone(scoped), 0).scoped([]string{"a"}, []string{"a", "b"})
+	if sc.pairs != 4 {
+		t.Errorf("a's pairs among a and b: %d, want 4", sc.pairs)
+	}
 	// A pair never seen counts as down.
 	if _, ok, _ := newMeshTimeline(slices.Clone(evs), 3).wholeAfter(at(5), time.Second); ok {
 		t.Error("whole with a pair never seen")

@@ -256,3 +256,40 @@ func (m *meshTimeline) wholeAfter(t time.Time, stable time.Duration) (time.Time,
 	slices.Sort(missing)
 	return time.Time{}, false, missing
 }
+
+// upAt returns the pairs that came up at t (the last to come up when t is
+// a time wholeAfter returned).
+func (m *meshTimeline) upAt(t time.Time) []string {
+	var out []string
+	for _, e := range m.events {
+		if e.at.Equal(t) && e.up {
+			out = append(out, e.pair)
+		}
+	}
+	return out
+}
+
+// scoped is the timeline of the pairs from or to one of scope's nodes,
+// among nodes (every pair probed both ways, over TCP and UDP).
+func (m *meshTimeline) scoped(scope, nodes []string) *meshTimeline {
+	in := func(pair string) bool {
+		from, rest, _ := strings.Cut(pair, "→")
+		to, _, _ := strings.Cut(rest, "/")
+		return slices.Contains(scope, from) || slices.Contains(scope, to)
+	}
+	pairs := 0
+	for _, a := range nodes {
+		for _, b := range nodes {
+			if a != b && (slices.Contains(scope, a) || slices.Contains(scope, b)) {
+				pairs += 2
+			}
+		}
+	}
+	var evs []pairEvent
+	for _, e := range m.events {
+		if in(e.pair) {
+			evs = append(evs, e)
+		}
+	}
+	return &meshTimeline{events: evs, pairs: pairs}
+}

@@ -38,6 +38,7 @@ type chaosReport struct {
 	listingErrs   int
 	maxStale      time.Duration // longest a server under a fault listed a deleted node
 	growth        []string
+	slow          []string // faults whose recovery took long, and the pair that was last
 }
 
 // violation records a broken invariant.
@@ -49,20 +50,30 @@ func (r *chaosReport) violation(invariant, detail string) {
 	r.violations = append(r.violations, invariant+": "+detail)
 }
 
-// recoveries measures, for each healed fault, the time from its heal to
-// the mesh being whole again. A fault that healed while another was
-// active, or that another followed before the mesh was whole, is counted
-// as overlapped: its time is not its own.
-func (r *chaosReport) recoveries(tl *meshTimeline) {
+// recoveries measures, for each healed fault, the time from its heal
+// until every pod pair from or to a node in its scope (the node it hit,
+// the nodes of the cloud it cut, every node for loss on the internet)
+// answered again for chaosStable. A fault that healed while another fault
+// with an overlapping scope was active, or that such a fault followed
+// before its pairs were whole, is counted as overlapped: its time is not
+// its own.
+func (r *chaosReport) recoveries(tl *meshTimeline, kinds []faultKind, nodes []string) {
 	r.recovery, r.overlapped, r.unrecovered = map[string][]time.Duration{}, map[string]int{}, map[string]int{}
 	if tl == nil {
 		return
+	}
+	scope := func(rec *faultRecord) []string {
+		if k := kindByName(kinds, rec.kind); k.scope != nil {
+			return k.scope(rec.target)
+		}
+		return nodes
 	}
 	for _, rec := range r.recs {
 		if rec.injected.IsZero() || rec.healed.IsZero() || rec.err != nil {
 			continue
 		}
-		whole, ok, _ := tl.wholeAfter(rec.healed, chaosStable)
+		sc := scope(rec)
+		whole, ok, _ := tl.scoped(sc, nodes).wholeAfter(rec.healed, chaosStable)
 		if !ok {
 			r.unrecovered[rec.kind]++
 			continue
@@ -72,7 +83,15 @@ func (r *chaosReport) recoveries(tl *meshTimeline) {
 			if o == rec || o.injected.IsZero() {
 				continue
 			}
-			if (o.injected.Before(rec.healed) && o.healed.After(rec.healed)) || (o.injected.After(rec.healed) && o.injected.Before(whole)) {
+			if !slices.ContainsFunc(scope(o), func(n string) bool { return slices.Contains(sc, n) }) {
+				continue
+			}
+			// An instant fault counts as active for chaosStable.
+			oEnd := o.healed
+			if oEnd.Before(o.injected.Add(chaosStable)) {
+				oEnd = o.injected.Add(chaosStable)
+			}
+			if (!o.injected.After(rec.healed) && oEnd.After(rec.healed)) || (o.injected.After(rec.healed) && o.injected.Before(whole)) {
 				overlapped = true
 			}
 		}
@@ -80,7 +99,11 @@ func (r *chaosReport) recoveries(tl *meshTimeline) {
 			r.overlapped[rec.kind]++
 			continue
 		}
-		r.recovery[rec.kind] = append(r.recovery[rec.kind], whole.Sub(rec.healed))
+		d := whole.Sub(rec.healed)
+		r.recovery[rec.kind] = append(r.recovery[rec.kind], d)
+		if d > 10*time.Second {
+			r.slow = append(r.slow, fmt.Sprintf("- %s: whole %s after the heal; last up: %v", rec.plannedFault, secs(d), tl.upAt(whole)))
+		}
 	}
 }
 
@@ -104,7 +127,7 @@ func (r *chaosReport) markdown() string {
 	fmt.Fprintf(&b, "Run at %s. Replay: `TRELLIS_CHAOS_SEED=%d TRELLIS_CHAOS_DURATION=%v go test -tags e2e -run 'TestChaos$' -timeout 0 -v ./e2e/`.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.seed, r.duration)
 	fmt.Fprintf(&b, "Cluster: 3 servers (embedded etcd, one cloud), agents in an AWS-style 1:1 NAT cloud and in a second cloud (relay, public IP moved with SIGHUP), two homes behind NAT (one symmetric), a pod on each of the 7 nodes probing every other pod over TCP and UDP every %v.\n\n", chaosProbeInterval)
-	fmt.Fprintf(&b, "Recovery = time from a fault's heal until every pod pair (TCP and UDP, %d pairs) answered again for %v. A fault that healed while another was active, or that another followed before the mesh was whole, is counted as overlapped and has no time of its own.\n\n", 7*6*2, chaosStable)
+	fmt.Fprintf(&b, "Recovery = time from a fault's heal until every pod pair from or to a node in its scope (the node it hit; the nodes of the cloud it cut or capped; every node for loss on the internet) answered again over TCP and UDP for %v. A fault that healed while another fault with an overlapping scope was active, or that such a fault followed before its pairs were whole, is counted as overlapped and has no time of its own.\n\n", chaosStable)
 	b.WriteString("| fault | injected | recovered alone | overlapped | not recovered | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
 	injected := map[string]int{}
 	var kinds []string
@@ -171,6 +194,9 @@ func (r *chaosReport) markdown() string {
 	}
 	if len(notes) > 0 {
 		b.WriteString("Notes from the nemesis:\n\n" + strings.Join(notes, "\n") + "\n\n")
+	}
+	if len(r.slow) > 0 {
+		b.WriteString("Slow recoveries (over 10 s) and the pairs that came up last:\n\n" + strings.Join(r.slow, "\n") + "\n\n")
 	}
 	if len(r.violations) > 0 {
 		b.WriteString("Violations:\n\n")

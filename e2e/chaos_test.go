@@ -245,7 +245,7 @@ func TestChaos(t *testing.T) {
 		t.Logf("measured: every pod pair up again %.1fs after the last fault healed", whole.Sub(lastHeal).Seconds())
 		rep.finalRecovery = whole.Sub(lastHeal)
 	}
-	rep.recoveries(tl)
+	rep.recoveries(tl, kinds, nodeNames(all))
 	for _, p := range probers {
 		ok, failed := probeCounts(p.Log())
 		rep.probesOK += ok
@@ -315,6 +315,14 @@ func TestChaos(t *testing.T) {
 	}
 }
 
+func nodeNames(ms []*member) []string {
+	var out []string
+	for _, m := range ms {
+		out = append(out, m.Name)
+	}
+	return out
+}
+
 // self is the test binary, which the helpers run as.
 func self(t *testing.T) string {
 	p, err := os.Executable()
@@ -341,21 +349,25 @@ func chaosKinds(l *Lab, inet *Router, servers, all []*member, homes map[string]*
 		"aws": netip.MustParsePrefix("203.0.113.0/24"),
 		"gcp": netip.MustParsePrefix("192.0.2.0/24"),
 	}
+	itself := func(n string) []string { return []string{n} }
+	cloudNodes := func(n string) []string {
+		return map[string][]string{"srv": serverNames, "aws": {"aws"}, "gcp": {"gcp"}}[n]
+	}
 	ports := map[string][]string{
 		"srv": {"srv1", "srv2", "srv3"},
 		"aws": {"aws-nat"},
 		"gcp": {"gcp", "gcp2", "gcp3"},
 	}
 	return []faultKind{
-		{name: "kill", weight: 3, min: 3 * time.Second, max: 20 * time.Second, targets: agentNames,
+		{name: "kill", scope: itself, weight: 3, min: 3 * time.Second, max: 20 * time.Second, targets: agentNames,
 			make: func(n string) fault { return killFault(byName[n]) }},
-		{name: "kill-srv", weight: 2, min: 3 * time.Second, max: 20 * time.Second, targets: serverNames, server: true,
+		{name: "kill-srv", scope: itself, weight: 2, min: 3 * time.Second, max: 20 * time.Second, targets: serverNames, server: true,
 			make: func(n string) fault { return killFault(byName[n]) }},
-		{name: "pause", weight: 1, min: 20 * time.Second, max: 20 * time.Second, targets: agentNames,
+		{name: "pause", scope: itself, weight: 1, min: 20 * time.Second, max: 20 * time.Second, targets: agentNames,
 			make: func(n string) fault { return pauseFault(byName[n]) }},
-		{name: "pause-srv", weight: 1, min: 20 * time.Second, max: 20 * time.Second, targets: serverNames, server: true,
+		{name: "pause-srv", scope: itself, weight: 1, min: 20 * time.Second, max: 20 * time.Second, targets: serverNames, server: true,
 			make: func(n string) fault { return pauseFault(byName[n]) }},
-		{name: "partition", weight: 2, min: 5 * time.Second, max: 40 * time.Second, targets: serverNames, server: true,
+		{name: "partition", scope: itself, weight: 2, min: 5 * time.Second, max: 40 * time.Second, targets: serverNames, server: true,
 			make: func(n string) fault {
 				var others []netip.Addr
 				for _, s := range servers {
@@ -365,19 +377,19 @@ func chaosKinds(l *Lab, inet *Router, servers, all []*member, homes map[string]*
 				}
 				return nftFault(l, byName[n].NS, "chaos_part", partitionScript("chaos_part", others))
 			}},
-		{name: "link-cut", weight: 2, min: 5 * time.Second, max: 60 * time.Second, targets: []string{"srv", "aws", "gcp"},
+		{name: "link-cut", scope: cloudNodes, weight: 2, min: 5 * time.Second, max: 60 * time.Second, targets: []string{"srv", "aws", "gcp"},
 			make: func(n string) fault {
 				return nftFault(l, inet.NS, "chaos_cut_"+n, cutScript("chaos_cut_"+n, clouds[n]))
 			}},
 		{name: "loss30", weight: 2, min: 10 * time.Second, max: 45 * time.Second, targets: []string{"internet"},
 			make: func(string) fault { return nftFault(l, inet.NS, "chaos_loss", lossScript("chaos_loss", 30)) }},
-		{name: "bw-cap", weight: 1, min: 10 * time.Second, max: 40 * time.Second, targets: []string{"srv", "aws", "gcp"},
+		{name: "bw-cap", scope: cloudNodes, weight: 1, min: 10 * time.Second, max: 40 * time.Second, targets: []string{"srv", "aws", "gcp"},
 			make: func(n string) fault { return bwFault(l, inet.NS, ports[n], "1mbit") }},
-		{name: "home-ip", weight: 2, targets: []string{"home1", "home2"},
+		{name: "home-ip", scope: itself, weight: 2, targets: []string{"home1", "home2"},
 			make: func(n string) fault { return homes[n].newIPFault(l) }},
-		{name: "sighup-ip", weight: 1, targets: []string{"gcp"},
+		{name: "sighup-ip", scope: itself, weight: 1, targets: []string{"gcp"},
 			make: func(string) fault { return mover.fault() }},
-		{name: "disk-full", weight: 1, min: 10 * time.Second, max: 30 * time.Second, targets: serverNames, server: true,
+		{name: "disk-full", scope: itself, weight: 1, min: 10 * time.Second, max: 30 * time.Second, targets: serverNames, server: true,
 			make: func(n string) fault { return diskFault(byName[n]) }},
 	}
 }
