@@ -457,7 +457,9 @@ func checkSecrets(rep *chaosReport, c *cluster, all []*member, w *writer) {
 	}
 	w.mu.Lock()
 	for _, t := range w.tokens {
-		secrets["token "+t.desc] = t.token[strings.LastIndex(t.token, ":")+1:]
+		// K10<ca>::node:<id>.<secret>: the secret alone must not show.
+		sec := t.token[strings.LastIndex(t.token, ":")+1:]
+		secrets["token "+t.desc] = sec[strings.LastIndex(sec, ".")+1:]
 	}
 	for _, j := range w.joins {
 		dirs[j.name] = j.dataDir

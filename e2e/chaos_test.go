@@ -26,6 +26,9 @@ import (
 //	TRELLIS_CHAOS_DURATION  how long faults go on (default chaosDefaultDuration)
 //	TRELLIS_CHAOS_REPORT    where to write the report (markdown); default
 //	                        artifacts/chaos-<seed>.md under e2e/
+//	TRELLIS_CHAOS_FAULTS    a schedule of one's own instead of the seed's, to
+//	                        study one fault: KIND:TARGET:AT:FOR,... such as
+//	                        pause:home2:10s:20s,kill:aws:60s:5s
 const (
 	chaosDefaultSeed     = 1478 // its two minutes hit 10 of the 11 kinds
 	chaosDefaultDuration = 2 * time.Minute
@@ -146,7 +149,7 @@ func TestChaos(t *testing.T) {
 		c.attachPod(m)
 		lab.Start(m.pod.NS, "env", helperEnv+"=udp-echo-server", self(t), fmt.Sprintf(":%d", udpEchoPort))
 	}
-	c.checkPods("before the faults", all, all, 2*meshTimeout)
+	c.checkPods("before the faults", all, all, 90*time.Second)
 	t.Logf("measured: chaos cluster (3 servers, 4 agents, 7 pods) up and meshed in %v", time.Since(setupStart).Round(time.Second))
 
 	// Watchers, probers and the resource sampler run until the end.
@@ -198,6 +201,12 @@ func TestChaos(t *testing.T) {
 	}, mover)
 	r := rand.New(rand.NewPCG(seed, 19))
 	plan := planFaults(r, duration, 8*time.Second, 2, kinds)
+	if s := os.Getenv("TRELLIS_CHAOS_FAULTS"); s != "" {
+		var err error
+		if plan, err = parsePlan(s, kinds, duration); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var sched strings.Builder
 	for _, p := range plan {
 		fmt.Fprintln(&sched, p)
@@ -404,4 +413,27 @@ func decodeNodes(out string) (map[string]api.Node, error) {
 		m[n.Name] = n
 	}
 	return m, nil
+}
+
+// parsePlan reads a schedule written as KIND:TARGET:AT:FOR,...
+func parsePlan(s string, kinds []faultKind, d time.Duration) ([]plannedFault, error) {
+	var plan []plannedFault
+	for _, item := range strings.Split(s, ",") {
+		f := strings.Split(item, ":")
+		if len(f) != 4 {
+			return nil, fmt.Errorf("TRELLIS_CHAOS_FAULTS: %q: want KIND:TARGET:AT:FOR such as pause:home2:10s:20s", item)
+		}
+		k := kindByName(kinds, f[0])
+		if k.make == nil || !slices.Contains(k.targets, f[1]) {
+			return nil, fmt.Errorf("TRELLIS_CHAOS_FAULTS: %q: unknown kind or target", item)
+		}
+		at, err1 := time.ParseDuration(f[2])
+		dur, err2 := time.ParseDuration(f[3])
+		if err1 != nil || err2 != nil || at+dur > d {
+			return nil, fmt.Errorf("TRELLIS_CHAOS_FAULTS: %q: want durations within TRELLIS_CHAOS_DURATION (%v)", item, d)
+		}
+		plan = append(plan, plannedFault{at: at, dur: dur, kind: k.name, target: f[1]})
+	}
+	slices.SortFunc(plan, func(a, b plannedFault) int { return int(a.at - b.at) })
+	return plan, nil
 }
