@@ -189,7 +189,7 @@ func (w *writer) step(ctx context.Context) {
 		}
 	}
 	w.mu.Unlock()
-	if comeback != nil && w.r.IntN(3) == 0 {
+	if comeback != nil && w.r.IntN(2) == 0 {
 		w.restartDeleted(ctx, comeback)
 		return
 	}
@@ -358,6 +358,11 @@ func (w *writer) deleteNode(ctx context.Context, j *joinRec) {
 	j.deleted, j.deleteAt = true, time.Now()
 	w.mu.Unlock()
 	w.record("node delete", 0, j.name)
+	// Half the time the operator also revokes the token the node joined
+	// with: restartDeleted then checks that the node stays out.
+	if w.r.IntN(2) == 0 && !j.token.revoked && !j.token.revokeUnsure {
+		w.revoke(j.token)
+	}
 	sleepUntil(ctx, time.Now().Add(10*time.Second))
 	_ = j.proc.Stop()
 	w.mu.Lock()

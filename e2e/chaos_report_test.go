@@ -54,9 +54,9 @@ func (r *chaosReport) violation(invariant, detail string) {
 // until every pod pair from or to a node in its scope (the node it hit,
 // the nodes of the cloud it cut, every node for loss on the internet)
 // answered again for chaosStable. A fault that healed while another fault
-// with an overlapping scope was active, or that such a fault followed
-// before its pairs were whole, is counted as overlapped: its time is not
-// its own.
+// was active, or that another fault followed before its pairs were whole,
+// is counted as overlapped: its time is not its own (any two faults share
+// pairs: those between the nodes they hit).
 func (r *chaosReport) recoveries(tl *meshTimeline, kinds []faultKind, nodes []string) {
 	r.recovery, r.overlapped, r.unrecovered = map[string][]time.Duration{}, map[string]int{}, map[string]int{}
 	if tl == nil {
@@ -81,9 +81,6 @@ func (r *chaosReport) recoveries(tl *meshTimeline, kinds []faultKind, nodes []st
 		overlapped := false
 		for _, o := range r.recs {
 			if o == rec || o.injected.IsZero() {
-				continue
-			}
-			if !slices.ContainsFunc(scope(o), func(n string) bool { return slices.Contains(sc, n) }) {
 				continue
 			}
 			// An instant fault counts as active for chaosStable.
@@ -127,7 +124,7 @@ func (r *chaosReport) markdown() string {
 	fmt.Fprintf(&b, "Run at %s. Replay: `TRELLIS_CHAOS_SEED=%d TRELLIS_CHAOS_DURATION=%v go test -tags e2e -run 'TestChaos$' -timeout 0 -v ./e2e/`.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.seed, r.duration)
 	fmt.Fprintf(&b, "Cluster: 3 servers (embedded etcd, one cloud), agents in an AWS-style 1:1 NAT cloud and in a second cloud (relay, public IP moved with SIGHUP), two homes behind NAT (one symmetric), a pod on each of the 7 nodes probing every other pod over TCP and UDP every %v.\n\n", chaosProbeInterval)
-	fmt.Fprintf(&b, "Recovery = time from a fault's heal until every pod pair from or to a node in its scope (the node it hit; the nodes of the cloud it cut or capped; every node for loss on the internet) answered again over TCP and UDP for %v. A fault that healed while another fault with an overlapping scope was active, or that such a fault followed before its pairs were whole, is counted as overlapped and has no time of its own.\n\n", chaosStable)
+	fmt.Fprintf(&b, "Recovery = time from a fault's heal until every pod pair from or to a node in its scope (the node it hit; the nodes of the cloud it cut or capped; every node for loss on the internet) answered again over TCP and UDP for %v. A fault that healed while another fault was active, or that another fault followed before its pairs were whole, is counted as overlapped and has no time of its own (any two faults share pairs: those between the nodes they hit).\n\n", chaosStable)
 	b.WriteString("| fault | injected | recovered alone | overlapped | not recovered | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
 	injected := map[string]int{}
 	var kinds []string
@@ -205,6 +202,9 @@ func (r *chaosReport) markdown() string {
 		}
 		b.WriteString("\n")
 	}
+	r.writer.mu.Lock()
+	b.WriteString("<details><summary>Operator actions</summary>\n\n```\n" + strings.Join(r.writer.history, "\n") + "\n```\n</details>\n\n")
+	r.writer.mu.Unlock()
 	b.WriteString("<details><summary>Schedule</summary>\n\n```\n")
 	for _, rec := range r.recs {
 		fmt.Fprintln(&b, rec.plannedFault)
