@@ -26,6 +26,8 @@ import (
 //	TRELLIS_CHAOS_DURATION  how long faults go on (default chaosDefaultDuration)
 //	TRELLIS_CHAOS_REPORT    where to write the report (markdown); default
 //	                        artifacts/chaos-<seed>.md under e2e/
+//	TRELLIS_CHAOS_GAP       the mean time between the starts of two faults
+//	                        (default 8s; longer gives more faults alone)
 //	TRELLIS_CHAOS_FAULTS    a schedule of one's own instead of the seed's, to
 //	                        study one fault: KIND:TARGET:AT:FOR,... such as
 //	                        pause:home2:10s:20s,kill:aws:60s:5s
@@ -200,7 +202,15 @@ func TestChaos(t *testing.T) {
 		"home2": {ns: lab.Prefix() + "home2-nat", addrs: [2]netip.Prefix{netip.MustParsePrefix("198.18.1.60/24"), netip.MustParsePrefix("198.18.1.61/24")}, gateway: netip.MustParseAddr("198.18.1.1")},
 	}, mover)
 	r := rand.New(rand.NewPCG(seed, 19))
-	plan := planFaults(r, duration, 8*time.Second, 2, kinds)
+	gap := 8 * time.Second
+	if s := os.Getenv("TRELLIS_CHAOS_GAP"); s != "" {
+		v, err := time.ParseDuration(s)
+		if err != nil || v <= 0 {
+			t.Fatalf("TRELLIS_CHAOS_GAP=%q: want a duration such as 30s", s)
+		}
+		gap = v
+	}
+	plan := planFaults(r, duration, gap, 2, kinds)
 	if s := os.Getenv("TRELLIS_CHAOS_FAULTS"); s != "" {
 		var err error
 		if plan, err = parsePlan(s, kinds, duration); err != nil {

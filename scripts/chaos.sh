@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The chaos soak (issue 19): TestChaos with a random seed (or
 # TRELLIS_CHAOS_SEED) for TRELLIS_CHAOS_DURATION (default 30m), as root.
+# TRELLIS_CHAOS_GAP (default 8s) is the mean time between two faults.
 # The report goes to docs/chaos/<date>-<seed>.md; the seed is the first
 # line printed, and the logs of a failing run are in e2e/artifacts/.
 set -euo pipefail
