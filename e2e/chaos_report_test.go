@@ -24,6 +24,7 @@ var invariants = []string{
 type chaosReport struct {
 	seed          uint64
 	duration      time.Duration
+	gap           time.Duration // mean time between faults
 	recs          []*faultRecord
 	writer        *writer
 	violations    []string
@@ -121,8 +122,8 @@ func secs(d time.Duration) string { return fmt.Sprintf("%.1fs", d.Seconds()) }
 func (r *chaosReport) markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Chaos run: seed %d, %v of faults\n\n", r.seed, r.duration)
-	fmt.Fprintf(&b, "Run at %s. Replay: `TRELLIS_CHAOS_SEED=%d TRELLIS_CHAOS_DURATION=%v go test -tags e2e -run 'TestChaos$' -timeout 0 -v ./e2e/`.\n\n",
-		time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.seed, r.duration)
+	fmt.Fprintf(&b, "Run at %s. Replay: `TRELLIS_CHAOS_SEED=%d TRELLIS_CHAOS_DURATION=%v TRELLIS_CHAOS_GAP=%v go test -tags e2e -run 'TestChaos$' -timeout 0 -v ./e2e/`.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.seed, r.duration, r.gap)
 	fmt.Fprintf(&b, "Cluster: 3 servers (embedded etcd, one cloud), agents in an AWS-style 1:1 NAT cloud and in a second cloud (relay, public IP moved with SIGHUP), two homes behind NAT (one symmetric), a pod on each of the 7 nodes probing every other pod over TCP and UDP every %v.\n\n", chaosProbeInterval)
 	fmt.Fprintf(&b, "Recovery = time from a fault's heal until every pod pair from or to a node in its scope (the node it hit; the nodes of the cloud it cut or capped; every node for loss on the internet) answered again over TCP and UDP for %v. A fault that healed while another fault was active, or that another fault followed before its pairs were whole, is counted as overlapped and has no time of its own (any two faults share pairs: those between the nodes they hit).\n\n", chaosStable)
 	b.WriteString("| fault | injected | recovered alone | overlapped | not recovered | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")

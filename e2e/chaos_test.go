@@ -241,7 +241,7 @@ func TestChaos(t *testing.T) {
 	}
 	t.Logf("chaos: faults over after %v; the writer did %d operations", time.Since(chaosStart).Round(time.Second), len(w.history))
 
-	rep := &chaosReport{seed: seed, duration: duration, recs: recs, writer: w, finalRecovery: -1}
+	rep := &chaosReport{seed: seed, duration: duration, gap: gap, recs: recs, writer: w, finalRecovery: -1}
 	// Every pod pair must be whole again within the bound.
 	var tl *meshTimeline
 	var whole time.Time

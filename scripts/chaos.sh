@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seed="${TRELLIS_CHAOS_SEED:-$(( (RANDOM << 15 | RANDOM) % 1000000 ))}"
 duration="${TRELLIS_CHAOS_DURATION:-30m}"
-echo "chaos seed $seed (replay: TRELLIS_CHAOS_SEED=$seed TRELLIS_CHAOS_DURATION=$duration make chaos)"
+echo "chaos seed $seed (replay: TRELLIS_CHAOS_SEED=$seed TRELLIS_CHAOS_DURATION=$duration TRELLIS_CHAOS_GAP=${TRELLIS_CHAOS_GAP:-8s} make chaos)"
 mkdir -p docs/chaos
 report="$PWD/docs/chaos/$(date -u +%Y%m%d-%H%M)-$seed.md"
 TRELLIS_CHAOS_SEED="$seed" TRELLIS_CHAOS_DURATION="$duration" TRELLIS_CHAOS_REPORT="$report" \
