@@ -3,7 +3,7 @@
 GO ?= go
 BIN := bin/trellis
 
-.PHONY: build run test unit e2e bench clean
+.PHONY: build run test unit e2e bench chaos clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/trellis
@@ -23,6 +23,12 @@ e2e:
 # Every benchmark, with progress, results in docs/bench (docs/benchmarks.md).
 bench:
 	./scripts/bench.sh
+
+# The chaos soak: 30 minutes of overlapping faults with a random seed
+# (TRELLIS_CHAOS_SEED, TRELLIS_CHAOS_DURATION override), report in
+# docs/chaos/. `make test` runs a short fixed-seed run of it.
+chaos:
+	./scripts/chaos.sh
 
 clean:
 	rm -rf bin

@@ -45,6 +45,16 @@ type Proc struct {
 // is that of args[0] itself.
 func (l *Lab) Start(ns string, args ...string) *Proc {
 	l.t.Helper()
+	p, err := l.TryStart(ns, args...)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return p
+}
+
+// TryStart is Start that returns an error instead of failing the test, for
+// goroutines other than the test's.
+func (l *Lab) TryStart(ns string, args ...string) (*Proc, error) {
 	name := filepath.Base(args[0]) + "@" + strings.TrimPrefix(ns, l.prefix)
 	l.mu.Lock()
 	p := &Proc{
@@ -57,9 +67,9 @@ func (l *Lab) Start(ns string, args ...string) *Proc {
 	l.procs = append(l.procs, p)
 	l.mu.Unlock()
 	if err := p.start(); err != nil {
-		l.t.Fatal(err)
+		return nil, err
 	}
-	return p
+	return p, nil
 }
 
 func (p *Proc) start() error {
