@@ -105,6 +105,7 @@ type startConfig struct {
 	ipv6        bool    // agents: join the server at its public IPv6 address
 	url         string  // agents: the server URL, instead of one the builder picks
 	env         []string
+	bin         string   // the trellis binary, when not the cluster's
 	flags       []string // appended to the command line
 	own         []string // the whole command line after the role, when set
 	noWait      bool     // servers: do not wait for the join token
@@ -173,6 +174,10 @@ func withMetrics(addr string) option { return withFlags("--metrics-address", add
 // withVPNAuth joins the node to a VPN instead of the WireGuard data plane
 // (--vpn-auth=value).
 func withVPNAuth(value string) option { return withFlags("--vpn-auth=" + value) }
+
+// withBinary runs the member's processes from bin instead of the
+// cluster's trellis (e.g. fakeClockBinary's).
+func withBinary(bin string) option { return func(s *startConfig) { s.bin = bin } }
 
 // withEnv sets environment variables (VAR=value) of the process.
 func withEnv(vars ...string) option {
@@ -298,7 +303,11 @@ func (c *cluster) command(m *member, s *startConfig) []string {
 	if len(s.env) > 0 {
 		args = append([]string{"env"}, s.env...)
 	}
-	args = append(args, c.bin, m.role)
+	bin := c.bin
+	if s.bin != "" {
+		bin = s.bin
+	}
+	args = append(args, bin, m.role)
 	if s.own != nil {
 		return append(append(args, s.own...), logArgs()...)
 	}

@@ -18,7 +18,7 @@ import (
 // invariants are the properties the suite checks, in report order.
 var invariants = []string{
 	"reachability", "cidr-overlap", "oracle", "stale-peer",
-	"deleted-or-revoked-back", "resources", "secrets", "plaintext",
+	"deleted-or-revoked-back", "resources", "secrets", "plaintext", "clock",
 }
 
 type chaosReport struct {
